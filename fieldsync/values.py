@@ -1,0 +1,193 @@
+"""Field values: the plain Python form the domain works in, and its two encodings.
+
+A value is one of: None (null), bool, int, float, str, bytes, `Json` (a JSON
+document kept as its text) or `Timestamp` (nanoseconds since the epoch, so no
+precision a client sent is lost). `to_proto`/`from_proto` convert to and from
+the wire `Value`; `encode`/`decode` to and from the JSON form stored in the
+database. `same` is the equality every merge decision uses: it never calls
+True equal to 1, and two NaNs are the same value.
+
+Nothing here knows about schemas or coercion (see sync_service.decode).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
+
+from fieldsync.v1 import common_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class Json:
+    """A JSON document, kept as the text the client sent."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Timestamp:
+    """An instant, in nanoseconds since the Unix epoch (UTC)."""
+
+    nanos: int
+
+    @classmethod
+    def from_datetime(cls, dt: datetime) -> Timestamp:
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=UTC)
+        delta = dt - datetime(1970, 1, 1, tzinfo=UTC)
+        seconds = delta.days * 86_400 + delta.seconds
+        return cls(seconds * 1_000_000_000 + delta.microseconds * 1000)
+
+    def to_datetime(self) -> datetime:
+        return datetime.fromtimestamp(self.nanos // 1_000_000_000, tz=UTC).replace(
+            microsecond=(self.nanos % 1_000_000_000) // 1000
+        )
+
+    def isoformat(self) -> str:
+        return self.to_datetime().isoformat().replace("+00:00", "Z")
+
+
+FieldValue: TypeAlias = bool | int | float | str | bytes | Json | Timestamp | None
+Fields: TypeAlias = dict[str, FieldValue]
+
+
+def same(a: FieldValue, b: FieldValue) -> bool:
+    """Whether two values are the same value (type included)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def type_name(v: FieldValue) -> str:
+    """The value's kind as a user reads it in a message."""
+    if v is None:
+        return "null"
+    return {
+        bool: "bool",
+        int: "int",
+        float: "float",
+        str: "string",
+        bytes: "bytes",
+        Json: "json",
+        Timestamp: "timestamp",
+    }[type(v)]
+
+
+# -- wire --------------------------------------------------------------------
+
+
+def to_proto(v: FieldValue, out: common_pb2.Value | None = None) -> common_pb2.Value:
+    pv = common_pb2.Value() if out is None else out
+    if v is None:
+        return pv
+    t = type(v)
+    if t is str:
+        pv.string_value = v  # type: ignore[assignment]
+    elif t is bool:
+        pv.bool_value = v  # type: ignore[assignment]
+    elif t is int:
+        pv.int_value = v  # type: ignore[assignment]
+    elif t is float:
+        pv.double_value = v  # type: ignore[assignment]
+    elif t is Timestamp:
+        nanos = v.nanos  # type: ignore[union-attr]
+        pv.timestamp_value.seconds = nanos // 1_000_000_000
+        pv.timestamp_value.nanos = nanos % 1_000_000_000
+    elif t is Json:
+        pv.json_value = v.text  # type: ignore[union-attr]
+    elif t is bytes:
+        pv.bytes_value = v  # type: ignore[assignment]
+    else:  # pragma: no cover - the type alias is closed
+        raise TypeError(f"not a field value: {v!r}")
+    return pv
+
+
+def from_proto(pv: common_pb2.Value) -> FieldValue:
+    kind = pv.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "string_value":
+        return pv.string_value
+    if kind == "int_value":
+        return pv.int_value
+    if kind == "double_value":
+        return pv.double_value
+    if kind == "bool_value":
+        return pv.bool_value
+    if kind == "timestamp_value":
+        return Timestamp(pv.timestamp_value.seconds * 1_000_000_000 + pv.timestamp_value.nanos)
+    if kind == "json_value":
+        return Json(pv.json_value)
+    return pv.bytes_value
+
+
+def fields_to_proto(fields: Fields, out: Any) -> None:
+    """Fill a protobuf map<string, Value> from plain fields."""
+    for name, v in fields.items():
+        to_proto(v, out[name])
+
+
+def fields_from_proto(pmap: Any) -> Fields:
+    return {name: from_proto(pv) for name, pv in pmap.items()}
+
+
+# -- storage -----------------------------------------------------------------
+# JSON scalars stand for themselves; the other kinds are one-key objects.
+
+
+def encode(v: FieldValue) -> Any:
+    t = type(v)
+    if v is None or t is str or t is bool or t is int:
+        return v
+    if t is float:
+        f: float = v  # type: ignore[assignment]
+        return f if math.isfinite(f) else {"$f": repr(f)}
+    if t is Timestamp:
+        return {"$t": v.nanos}  # type: ignore[union-attr]
+    if t is Json:
+        return {"$j": v.text}  # type: ignore[union-attr]
+    if t is bytes:
+        return {"$b": base64.b64encode(v).decode("ascii")}  # type: ignore[arg-type]
+    raise TypeError(f"not a field value: {v!r}")
+
+
+def decode(j: Any) -> FieldValue:
+    if isinstance(j, dict):
+        ((tag, payload),) = j.items()
+        if tag == "$t":
+            return Timestamp(int(payload))
+        if tag == "$j":
+            return Json(str(payload))
+        if tag == "$b":
+            return base64.b64decode(payload)
+        if tag == "$f":
+            return float(payload)
+        raise ValueError(f"unknown stored value tag {tag!r}")
+    if isinstance(j, (str, bool, int, float)) or j is None:
+        return j
+    raise ValueError(f"not a stored value: {j!r}")
+
+
+def encode_fields(fields: Fields) -> dict[str, Any]:
+    return {k: encode(v) for k, v in fields.items()}
+
+
+def decode_fields(j: dict[str, Any]) -> Fields:
+    return {k: decode(v) for k, v in j.items()}
+
+
+def to_display(v: FieldValue) -> Any:
+    """A JSON-friendly form for people (CLI output, log lines)."""
+    if isinstance(v, Timestamp):
+        return v.isoformat()
+    if isinstance(v, Json):
+        return v.text
+    if isinstance(v, bytes):
+        return base64.b64encode(v).decode("ascii")
+    return v
