@@ -1,0 +1,211 @@
+"""The storage interface of the sync service, and the rows that cross it.
+
+Everything the applier and the servicer need from a database is here, as
+plain dataclasses and two Protocols: `Storage` (reads, and opening a write
+transaction) and `WriteTx` (the set-based reads and the one write of a batch,
+all in one transaction). SQLite and PostgreSQL implement it; the conformance
+suite (tests/test_storage_conformance.py) runs against both.
+
+Every method takes the tenant and filters by it: no method can read or write
+another tenant's row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fieldsync.values import FieldValue
+from sync_service.merge import Change
+
+
+@dataclass(slots=True)
+class StoredRecord:
+    tenant_id: str
+    collection: str
+    record_id: str
+    version: int = 0
+    deleted: bool = True
+    fields: dict[str, FieldValue] = field(default_factory=dict)
+    field_versions: dict[str, int] = field(default_factory=dict)
+    history_floor: int = 0
+    updated_at: int = 0  # nanoseconds since the epoch
+    updated_by: str = ""
+    exists: bool = False  # whether the row is in the database yet
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One committed version of a record: who made it and the values it replaced."""
+
+    tenant_id: str
+    collection: str
+    record_id: str
+    version: int
+    client_id: str
+    mutation_id: str
+    old: Mapping[str, FieldValue]
+    committed_at: int
+
+    def as_change(self) -> Change:
+        return Change(self.version, self.client_id, self.mutation_id, self.old)
+
+
+@dataclass(slots=True)
+class ClientRow:
+    client_id: str
+    tenant_id: str
+    sub: str
+    last_seq: int = 0
+    exists: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFieldConflict:
+    field: str
+    base: FieldValue
+    yours: FieldValue
+    theirs: FieldValue
+
+
+@dataclass(slots=True)
+class StoredConflict:
+    conflict_id: str
+    tenant_id: str
+    collection: str
+    record_id: str
+    kind: int
+    base_version: int
+    server_version: int
+    fields: list[StoredFieldConflict]
+    mutation_id: str
+    client_id: str
+    created_by: str
+    created_at: int
+    resolved: bool = False
+    resolved_at: int | None = None
+    resolved_by: str | None = None
+    resolution: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConflictResolution:
+    conflict_id: str
+    resolved_at: int
+    resolved_by: str
+    resolution: str  # the answering mutation's id, or the ResolveConflict choice
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    """A mutation's original outcome, kept so a replay is answered identically."""
+
+    client_id: str
+    client_seq: int
+    tenant_id: str
+    mutation_id: str
+    payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    event_id: str
+    tenant_id: str
+    payload: Mapping[str, Any]
+    created_at: int
+
+
+@dataclass(slots=True)
+class BatchWrite:
+    """Everything one transaction commits."""
+
+    client: ClientRow | None = None
+    records: list[StoredRecord] = field(default_factory=list)
+    history: list[HistoryRow] = field(default_factory=list)
+    conflicts: list[StoredConflict] = field(default_factory=list)
+    resolutions: list[ConflictResolution] = field(default_factory=list)
+    results: list[StoredResult] = field(default_factory=list)
+    events: list[OutboxEvent] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ConflictPage:
+    conflicts: list[StoredConflict]
+    next_after: tuple[int, str] | None
+
+
+class WriteTx(Protocol):
+    """One write transaction; it holds the write lock from its first statement."""
+
+    def get_client(self, client_id: str) -> ClientRow | None: ...
+
+    def load_results(self, client_id: str, seqs: Sequence[int]) -> dict[int, StoredResult]: ...
+
+    def load_records(
+        self, tenant_id: str, collection: str, record_ids: Iterable[str]
+    ) -> dict[str, StoredRecord]: ...
+
+    def load_changes(
+        self, tenant_id: str, collection: str, since: Mapping[str, int]
+    ) -> dict[str, list[Change]]:
+        """For each record id, its history rows with version > since[id], ascending."""
+        ...
+
+    def load_conflicts(self, tenant_id: str, ids: Iterable[str]) -> dict[str, StoredConflict]: ...
+
+    def write(self, batch: BatchWrite) -> None:
+        """Store the batch (records get the next feed positions); commit follows."""
+        ...
+
+
+class Storage(Protocol):
+    def write_transaction(self) -> AbstractContextManager[WriteTx]: ...
+
+    def get_records(
+        self, tenant_id: str, collection: str, record_ids: Sequence[str]
+    ) -> list[StoredRecord]: ...
+
+    def pull(
+        self, tenant_id: str, after: int, collections: Sequence[str], limit: int
+    ) -> list[tuple[int, StoredRecord]]:
+        """Records whose latest change is after feed position `after`, in feed order."""
+        ...
+
+    def feed_head(self, tenant_id: str) -> int:
+        """The feed position of the tenant's latest change (0 when none)."""
+        ...
+
+    def list_conflicts(
+        self,
+        tenant_id: str,
+        *,
+        collection: str | None,
+        record_id: str | None,
+        include_resolved: bool,
+        limit: int,
+        after: tuple[int, str] | None,
+    ) -> ConflictPage: ...
+
+    def get_conflict(self, tenant_id: str, conflict_id: str) -> StoredConflict | None: ...
+
+    def get_client(self, client_id: str) -> ClientRow | None: ...
+
+    def outbox_depth(self) -> tuple[int, int | None]:
+        """Undelivered audit events: count and the oldest one's creation time."""
+        ...
+
+    def outbox_fetch(self, limit: int, max_attempts: int) -> list[OutboxEvent]:
+        """The oldest undelivered events (those refused max_attempts times are held back)."""
+        ...
+
+    def outbox_delivered(self, event_ids: Sequence[str]) -> None:
+        """Forget events the audit service has acknowledged."""
+        ...
+
+    def outbox_refused(self, event_ids: Sequence[str]) -> None:
+        """Count one refusal of each event (a malformed event must not block the rest)."""
+        ...
+
+    def close(self) -> None: ...

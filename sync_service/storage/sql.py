@@ -1,0 +1,549 @@
+"""The Storage interface on SQLAlchemy Core, for SQLite and PostgreSQL.
+
+What differs between the two is only how a write transaction takes the write
+lock up front (so concurrent writers wait instead of failing or interleaving):
+SQLite starts it with BEGIN IMMEDIATE (WAL mode, readers never blocked);
+PostgreSQL takes a transaction-scoped advisory lock. Holding that lock while
+the next feed positions are handed out means transactions commit in feed
+order, so a reader asking for `feed_seq > cursor` never skips a late
+committer.
+
+Queries are set-based: one read of all the records of a batch (per
+collection), one of their history, and executemany writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, and_, bindparam, create_engine, event, func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from fieldsync.values import decode, decode_fields, encode, encode_fields
+from sync_service.merge import Change
+from sync_service.storage.base import (
+    BatchWrite,
+    ClientRow,
+    ConflictPage,
+    OutboxEvent,
+    StoredConflict,
+    StoredFieldConflict,
+    StoredRecord,
+    StoredResult,
+)
+from sync_service.storage.tables import (
+    clients,
+    conflicts,
+    mutation_results,
+    outbox,
+    record_history,
+    records,
+)
+
+log = logging.getLogger("fieldsync.storage")
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_CHUNK = 500  # bound parameters per IN list
+_PG_WRITE_LOCK = 0x46_53_59_4E  # "FSYN": the advisory lock id of sync writes
+
+
+def normalize_url(url: str) -> str:
+    """A plain postgresql:// URL gets the driver the service ships with (psycopg 3)."""
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u.render_as_string(hide_password=False)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for i in range(0, len(items), _CHUNK):
+        yield items[i : i + _CHUNK]
+
+
+def _sqlite_engine(url: str, *, write: bool, synchronous: str) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # We issue BEGIN ourselves (the driver's implicit BEGIN is deferred).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+class SqlStorage:
+    """Storage on one SQLAlchemy URL (sqlite:///path or postgresql://...)."""
+
+    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 5) -> None:
+        self.url = normalize_url(url)
+        self.dialect = make_url(self.url).get_backend_name()
+        if self.dialect == "sqlite":
+            self._write = _sqlite_engine(self.url, write=True, synchronous=sqlite_synchronous)
+            self._read = _sqlite_engine(self.url, write=False, synchronous=sqlite_synchronous)
+        elif self.dialect == "postgresql":
+            self._write = create_engine(
+                self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+            )
+            self._read = self._write
+        else:
+            raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Create or upgrade the schema to the newest migration."""
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        engine = self._write
+        if self.dialect == "sqlite":
+            # Alembic's batch mode manages its own statements; a plain engine
+            # (no BEGIN IMMEDIATE hook) keeps it simple.
+            engine = create_engine(self.url, poolclass=NullPool)
+        with engine.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+        if engine is not self._write:
+            engine.dispose()
+
+    def close(self) -> None:
+        self._write.dispose()
+        if self._read is not self._write:
+            self._read.dispose()
+
+    # -- writes ---------------------------------------------------------------
+
+    @contextmanager
+    def write_transaction(self) -> Iterator[SqlWriteTx]:
+        with self._write.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
+            yield SqlWriteTx(conn)
+
+    # -- reads ----------------------------------------------------------------
+
+    def get_records(
+        self, tenant_id: str, collection: str, record_ids: Sequence[str]
+    ) -> list[StoredRecord]:
+        with self._read.connect() as conn:
+            found = _load_records(conn, tenant_id, collection, record_ids)
+        return [found[r] for r in dict.fromkeys(record_ids) if r in found]
+
+    def pull(
+        self, tenant_id: str, after: int, collections: Sequence[str], limit: int
+    ) -> list[tuple[int, StoredRecord]]:
+        q = (
+            select(records)
+            .where(records.c.tenant_id == tenant_id, records.c.feed_seq > after)
+            .order_by(records.c.feed_seq)
+            .limit(limit)
+        )
+        if collections:
+            q = q.where(records.c.collection.in_(list(collections)))
+        with self._read.connect() as conn:
+            return [(row.feed_seq, _record_from_row(row)) for row in conn.execute(q)]
+
+    def feed_head(self, tenant_id: str) -> int:
+        q = select(func.coalesce(func.max(records.c.feed_seq), 0)).where(
+            records.c.tenant_id == tenant_id
+        )
+        with self._read.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+    def list_conflicts(
+        self,
+        tenant_id: str,
+        *,
+        collection: str | None,
+        record_id: str | None,
+        include_resolved: bool,
+        limit: int,
+        after: tuple[int, str] | None,
+    ) -> ConflictPage:
+        c = conflicts.c
+        q = select(conflicts).where(c.tenant_id == tenant_id)
+        if not include_resolved:
+            q = q.where(c.resolved.is_(False))
+        if collection:
+            q = q.where(c.collection == collection)
+        if record_id:
+            q = q.where(c.record_id == record_id)
+        if after is not None:
+            at, cid = after
+            q = q.where((c.created_at > at) | and_(c.created_at == at, c.conflict_id > cid))
+        q = q.order_by(c.created_at, c.conflict_id).limit(limit + 1)
+        with self._read.connect() as conn:
+            rows = [_conflict_from_row(r) for r in conn.execute(q)]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        last = rows[-1] if more and rows else None
+        return ConflictPage(rows, (last.created_at, last.conflict_id) if last else None)
+
+    def get_conflict(self, tenant_id: str, conflict_id: str) -> StoredConflict | None:
+        with self._read.connect() as conn:
+            return _load_conflicts(conn, tenant_id, [conflict_id]).get(conflict_id)
+
+    def get_client(self, client_id: str) -> ClientRow | None:
+        with self._read.connect() as conn:
+            return _get_client(conn, client_id)
+
+    def outbox_depth(self) -> tuple[int, int | None]:
+        q = select(func.count(), func.min(outbox.c.created_at))
+        with self._read.connect() as conn:
+            count, oldest = conn.execute(q).one()
+        return int(count), oldest
+
+    def outbox_fetch(self, limit: int, max_attempts: int) -> list[OutboxEvent]:
+        o = outbox.c
+        q = (
+            select(o.event_id, o.tenant_id, o.payload, o.created_at)
+            .where(o.attempts < max_attempts)
+            .order_by(o.id)
+            .limit(limit)
+        )
+        with self._read.connect() as conn:
+            return [
+                OutboxEvent(r.event_id, r.tenant_id, json.loads(r.payload), r.created_at)
+                for r in conn.execute(q)
+            ]
+
+    def outbox_delivered(self, event_ids: Sequence[str]) -> None:
+        with self._write.begin() as conn:
+            for chunk in _chunks(list(event_ids)):
+                conn.execute(outbox.delete().where(outbox.c.event_id.in_(chunk)))
+
+    def outbox_refused(self, event_ids: Sequence[str]) -> None:
+        with self._write.begin() as conn:
+            for chunk in _chunks(list(event_ids)):
+                conn.execute(
+                    outbox.update()
+                    .where(outbox.c.event_id.in_(chunk))
+                    .values(attempts=outbox.c.attempts + 1)
+                )
+
+
+class SqlWriteTx:
+    """The reads and the write of one batch, on one connection in one transaction."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def get_client(self, client_id: str) -> ClientRow | None:
+        return _get_client(self._conn, client_id)
+
+    def load_results(self, client_id: str, seqs: Sequence[int]) -> dict[int, StoredResult]:
+        if not seqs:
+            return {}
+        m = mutation_results.c
+        q = select(mutation_results).where(
+            m.client_id == client_id, m.client_seq >= min(seqs), m.client_seq <= max(seqs)
+        )
+        wanted = set(seqs)
+        return {
+            r.client_seq: StoredResult(
+                r.client_id, r.client_seq, r.tenant_id, r.mutation_id, json.loads(r.result)
+            )
+            for r in self._conn.execute(q)
+            if r.client_seq in wanted
+        }
+
+    def load_records(
+        self, tenant_id: str, collection: str, record_ids: Iterable[str]
+    ) -> dict[str, StoredRecord]:
+        return _load_records(self._conn, tenant_id, collection, list(record_ids))
+
+    def load_changes(
+        self, tenant_id: str, collection: str, since: Mapping[str, int]
+    ) -> dict[str, list[Change]]:
+        out: dict[str, list[Change]] = {rid: [] for rid in since}
+        if not since:
+            return out
+        h = record_history.c
+        floor = min(since.values())
+        for chunk in _chunks(list(since)):
+            q = (
+                select(h.record_id, h.version, h.client_id, h.mutation_id, h.old)
+                .where(
+                    h.tenant_id == tenant_id,
+                    h.collection == collection,
+                    h.record_id.in_(chunk),
+                    h.version > floor,
+                )
+                .order_by(h.record_id, h.version)
+            )
+            for r in self._conn.execute(q):
+                if r.version > since[r.record_id]:
+                    old = decode_fields(json.loads(r.old))
+                    out[r.record_id].append(Change(r.version, r.client_id, r.mutation_id, old))
+        return out
+
+    def load_conflicts(self, tenant_id: str, ids: Iterable[str]) -> dict[str, StoredConflict]:
+        return _load_conflicts(self._conn, tenant_id, list(ids))
+
+    def write(self, batch: BatchWrite) -> None:
+        conn = self._conn
+        if batch.records:
+            head = conn.execute(select(func.coalesce(func.max(records.c.feed_seq), 0))).scalar_one()
+            new_rows: list[dict[str, Any]] = []
+            old_rows: list[dict[str, Any]] = []
+            for i, rec in enumerate(batch.records, start=1):
+                row = _record_row(rec, head + i)
+                (old_rows if rec.exists else new_rows).append(row)
+            if new_rows:
+                conn.execute(records.insert(), new_rows)
+            if old_rows:
+                c = records.c
+                conn.execute(
+                    records.update()
+                    .where(
+                        c.tenant_id == bindparam("b_tenant_id"),
+                        c.collection == bindparam("b_collection"),
+                        c.record_id == bindparam("b_record_id"),
+                    )
+                    .values(
+                        version=bindparam("version"),
+                        deleted=bindparam("deleted"),
+                        fields=bindparam("fields"),
+                        field_versions=bindparam("field_versions"),
+                        history_floor=bindparam("history_floor"),
+                        updated_at=bindparam("updated_at"),
+                        updated_by=bindparam("updated_by"),
+                        feed_seq=bindparam("feed_seq"),
+                    ),
+                    [
+                        {
+                            **r,
+                            "b_tenant_id": r["tenant_id"],
+                            "b_collection": r["collection"],
+                            "b_record_id": r["record_id"],
+                        }
+                        for r in old_rows
+                    ],
+                )
+        if batch.history:
+            conn.execute(
+                record_history.insert(),
+                [
+                    {
+                        "tenant_id": h.tenant_id,
+                        "collection": h.collection,
+                        "record_id": h.record_id,
+                        "version": h.version,
+                        "client_id": h.client_id,
+                        "mutation_id": h.mutation_id,
+                        "old": _dumps(encode_fields(dict(h.old))),
+                        "committed_at": h.committed_at,
+                    }
+                    for h in batch.history
+                ],
+            )
+        if batch.conflicts:
+            conn.execute(conflicts.insert(), [_conflict_row(c) for c in batch.conflicts])
+        if batch.resolutions:
+            c = conflicts.c
+            conn.execute(
+                conflicts.update()
+                .where(c.conflict_id == bindparam("b_id"))
+                .values(
+                    resolved=True,
+                    resolved_at=bindparam("resolved_at"),
+                    resolved_by=bindparam("resolved_by"),
+                    resolution=bindparam("resolution"),
+                ),
+                [
+                    {
+                        "b_id": r.conflict_id,
+                        "resolved_at": r.resolved_at,
+                        "resolved_by": r.resolved_by,
+                        "resolution": r.resolution,
+                    }
+                    for r in batch.resolutions
+                ],
+            )
+        if batch.results:
+            conn.execute(
+                mutation_results.insert(),
+                [
+                    {
+                        "client_id": r.client_id,
+                        "client_seq": r.client_seq,
+                        "tenant_id": r.tenant_id,
+                        "mutation_id": r.mutation_id,
+                        "result": _dumps(r.payload),
+                    }
+                    for r in batch.results
+                ],
+            )
+        if batch.events:
+            conn.execute(
+                outbox.insert(),
+                [
+                    {
+                        "event_id": e.event_id,
+                        "tenant_id": e.tenant_id,
+                        "payload": _dumps(e.payload),
+                        "created_at": e.created_at,
+                    }
+                    for e in batch.events
+                ],
+            )
+        if batch.client is not None:
+            cl = batch.client
+            if cl.exists:
+                conn.execute(
+                    clients.update()
+                    .where(clients.c.client_id == cl.client_id)
+                    .values(last_seq=cl.last_seq)
+                )
+            else:
+                conn.execute(
+                    clients.insert().values(
+                        client_id=cl.client_id,
+                        tenant_id=cl.tenant_id,
+                        sub=cl.sub,
+                        last_seq=cl.last_seq,
+                    )
+                )
+
+
+# -- row mapping ---------------------------------------------------------------
+
+
+def _get_client(conn: Connection, client_id: str) -> ClientRow | None:
+    row = conn.execute(select(clients).where(clients.c.client_id == client_id)).first()
+    if row is None:
+        return None
+    return ClientRow(row.client_id, row.tenant_id, row.sub, row.last_seq, exists=True)
+
+
+def _load_records(
+    conn: Connection, tenant_id: str, collection: str, record_ids: Sequence[str]
+) -> dict[str, StoredRecord]:
+    out: dict[str, StoredRecord] = {}
+    ids = list(dict.fromkeys(record_ids))
+    for chunk in _chunks(ids):
+        q = select(records).where(
+            records.c.tenant_id == tenant_id,
+            records.c.collection == collection,
+            records.c.record_id.in_(chunk),
+        )
+        for row in conn.execute(q):
+            out[row.record_id] = _record_from_row(row)
+    return out
+
+
+def _record_from_row(row: Any) -> StoredRecord:
+    return StoredRecord(
+        tenant_id=row.tenant_id,
+        collection=row.collection,
+        record_id=row.record_id,
+        version=row.version,
+        deleted=bool(row.deleted),
+        fields=decode_fields(json.loads(row.fields)),
+        field_versions=json.loads(row.field_versions),
+        history_floor=row.history_floor,
+        updated_at=row.updated_at,
+        updated_by=row.updated_by,
+        exists=True,
+    )
+
+
+def _record_row(rec: StoredRecord, feed_seq: int) -> dict[str, Any]:
+    return {
+        "tenant_id": rec.tenant_id,
+        "collection": rec.collection,
+        "record_id": rec.record_id,
+        "version": rec.version,
+        "deleted": rec.deleted,
+        "fields": _dumps(encode_fields(rec.fields)),
+        "field_versions": _dumps(rec.field_versions),
+        "history_floor": rec.history_floor,
+        "updated_at": rec.updated_at,
+        "updated_by": rec.updated_by,
+        "feed_seq": feed_seq,
+    }
+
+
+def _conflict_row(c: StoredConflict) -> dict[str, Any]:
+    return {
+        "conflict_id": c.conflict_id,
+        "tenant_id": c.tenant_id,
+        "collection": c.collection,
+        "record_id": c.record_id,
+        "kind": c.kind,
+        "base_version": c.base_version,
+        "server_version": c.server_version,
+        "fields": _dumps(
+            [
+                {"f": f.field, "b": encode(f.base), "y": encode(f.yours), "t": encode(f.theirs)}
+                for f in c.fields
+            ]
+        ),
+        "mutation_id": c.mutation_id,
+        "client_id": c.client_id,
+        "created_by": c.created_by,
+        "created_at": c.created_at,
+        "resolved": c.resolved,
+        "resolved_at": c.resolved_at,
+        "resolved_by": c.resolved_by,
+        "resolution": c.resolution,
+    }
+
+
+def _conflict_from_row(r: Any) -> StoredConflict:
+    return StoredConflict(
+        conflict_id=r.conflict_id,
+        tenant_id=r.tenant_id,
+        collection=r.collection,
+        record_id=r.record_id,
+        kind=r.kind,
+        base_version=r.base_version,
+        server_version=r.server_version,
+        fields=[
+            StoredFieldConflict(f["f"], decode(f["b"]), decode(f["y"]), decode(f["t"]))
+            for f in json.loads(r.fields)
+        ],
+        mutation_id=r.mutation_id,
+        client_id=r.client_id,
+        created_by=r.created_by,
+        created_at=r.created_at,
+        resolved=bool(r.resolved),
+        resolved_at=r.resolved_at,
+        resolved_by=r.resolved_by,
+        resolution=r.resolution,
+    )
+
+
+def _load_conflicts(
+    conn: Connection, tenant_id: str, ids: Sequence[str]
+) -> dict[str, StoredConflict]:
+    out: dict[str, StoredConflict] = {}
+    for chunk in _chunks(list(dict.fromkeys(ids))):
+        q = select(conflicts).where(
+            conflicts.c.tenant_id == tenant_id, conflicts.c.conflict_id.in_(chunk)
+        )
+        for r in conn.execute(q):
+            out[r.conflict_id] = _conflict_from_row(r)
+    return out

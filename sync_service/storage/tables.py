@@ -1,0 +1,114 @@
+"""The sync database's tables, as SQLAlchemy Core metadata.
+
+The migrations (storage/migrations/versions) create exactly these; a test
+compares the migrated database with this metadata. Values and per-field
+versions are JSON text (fieldsync.values.encode), so one column layout serves
+SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+# The current state of each record, with its feed position (the change log the
+# feed reads: a record's latest change, tombstones included).
+records = Table(
+    "records",
+    metadata,
+    Column("tenant_id", String(200), primary_key=True),
+    Column("collection", String(200), primary_key=True),
+    Column("record_id", String(500), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column("fields", Text, nullable=False),
+    Column("field_versions", Text, nullable=False),
+    Column("history_floor", BigInteger, nullable=False, server_default="0"),
+    Column("updated_at", BigInteger, nullable=False),
+    Column("updated_by", String(500), nullable=False),
+    Column("feed_seq", BigInteger, nullable=False),
+    Index("ix_records_feed", "tenant_id", "feed_seq"),
+    Index("ix_records_feed_global", "feed_seq"),
+)
+
+# One row per committed version: the values it replaced (SPEC §1's history).
+record_history = Table(
+    "record_history",
+    metadata,
+    Column("tenant_id", String(200), primary_key=True),
+    Column("collection", String(200), primary_key=True),
+    Column("record_id", String(500), primary_key=True),
+    Column("version", BigInteger, primary_key=True),
+    Column("client_id", String(200), nullable=False),
+    Column("mutation_id", String(200), nullable=False),
+    Column("old", Text, nullable=False),
+    Column("committed_at", BigInteger, nullable=False),
+)
+
+# The per-client sequence: which (tenant, sub) owns a client id, and the last
+# client_seq applied, committed with the data it describes.
+clients = Table(
+    "clients",
+    metadata,
+    Column("client_id", String(200), primary_key=True),
+    Column("tenant_id", String(200), nullable=False),
+    Column("sub", String(500), nullable=False),
+    Column("last_seq", BigInteger, nullable=False),
+)
+
+# Each applied mutation's outcome, so a replay gets the original answer.
+mutation_results = Table(
+    "mutation_results",
+    metadata,
+    Column("client_id", String(200), primary_key=True),
+    Column("client_seq", BigInteger, primary_key=True),
+    Column("tenant_id", String(200), nullable=False),
+    Column("mutation_id", String(200), nullable=False),
+    Column("result", Text, nullable=False),
+)
+
+conflicts = Table(
+    "conflicts",
+    metadata,
+    Column("conflict_id", String(64), primary_key=True),
+    Column("tenant_id", String(200), nullable=False),
+    Column("collection", String(200), nullable=False),
+    Column("record_id", String(500), nullable=False),
+    Column("kind", Integer, nullable=False),
+    Column("base_version", BigInteger, nullable=False),
+    Column("server_version", BigInteger, nullable=False),
+    Column("fields", Text, nullable=False),
+    Column("mutation_id", String(200), nullable=False),
+    Column("client_id", String(200), nullable=False),
+    Column("created_by", String(500), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("resolved", Boolean, nullable=False),
+    Column("resolved_at", BigInteger, nullable=True),
+    Column("resolved_by", String(500), nullable=True),
+    Column("resolution", String(200), nullable=True),
+    Index("ix_conflicts_open", "tenant_id", "resolved", "created_at", "conflict_id"),
+    Index("ix_conflicts_record", "tenant_id", "collection", "record_id"),
+)
+
+# Audit events written with the change they describe; the relay delivers them.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("event_id", String(64), nullable=False, unique=True),
+    Column("tenant_id", String(200), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+)
