@@ -1,0 +1,84 @@
+"""Wire messages <-> the sync service's domain objects. No logic beyond the mapping."""
+
+from __future__ import annotations
+
+from fieldsync.v1 import common_pb2, sync_pb2
+from fieldsync.values import fields_from_proto, fields_to_proto, to_proto
+from sync_service.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome
+from sync_service.storage.base import StoredConflict, StoredRecord
+
+
+def mutation_from_proto(pm: sync_pb2.Mutation) -> MutationIn:
+    ct = pm.client_time
+    return MutationIn(
+        mutation_id=pm.mutation_id,
+        client_seq=pm.client_seq,
+        op=pm.op,
+        collection=pm.collection,
+        record_id=pm.record_id,
+        fields=fields_from_proto(pm.fields),
+        base_version=pm.base_version,
+        client_time=(ct.seconds * 1_000_000_000 + ct.nanos) if pm.HasField("client_time") else None,
+        base_fields=fields_from_proto(pm.base_fields),
+        resolves_conflict_id=pm.resolves_conflict_id,
+    )
+
+
+def batch_from_proto(pb: sync_pb2.MutationBatch) -> BatchIn:
+    return BatchIn(
+        client_id=pb.client_id,
+        schema_version=pb.schema_version,
+        mutations=[mutation_from_proto(m) for m in pb.mutations],
+    )
+
+
+def record_to_proto(rec: StoredRecord, out: common_pb2.Record) -> None:
+    out.collection = rec.collection
+    out.record_id = rec.record_id
+    out.version = rec.version
+    out.deleted = rec.deleted
+    fields_to_proto(rec.fields, out.fields)
+    out.updated_at.seconds = rec.updated_at // 1_000_000_000
+    out.updated_at.nanos = rec.updated_at % 1_000_000_000
+    out.updated_by = rec.updated_by
+
+
+def conflict_to_proto(c: StoredConflict, out: sync_pb2.Conflict) -> None:
+    out.conflict_id = c.conflict_id
+    out.kind = c.kind  # type: ignore[assignment]
+    out.collection = c.collection
+    out.record_id = c.record_id
+    out.base_version = c.base_version
+    out.server_version = c.server_version
+    for f in c.fields:
+        pf = out.fields.add(field=f.field)
+        to_proto(f.base, pf.base)
+        to_proto(f.yours, pf.yours)
+        to_proto(f.theirs, pf.theirs)
+    out.mutation_id = c.mutation_id
+    out.created_at.seconds = c.created_at // 1_000_000_000
+    out.created_at.nanos = c.created_at % 1_000_000_000
+    out.resolved = c.resolved
+
+
+def outcome_to_proto(o: MutationOutcome, out: sync_pb2.MutationResult) -> None:
+    out.mutation_id = o.mutation_id
+    out.client_seq = o.client_seq
+    out.status = int(o.status)  # type: ignore[assignment]
+    if o.record is not None and o.record.version:
+        record_to_proto(o.record, out.record)
+    if o.conflict is not None:
+        conflict_to_proto(o.conflict, out.conflict)
+    for w in o.warnings:
+        out.warnings.add(code=str(w.code), field=w.field, message=w.message)
+    if o.error is not None:
+        out.error.CopyFrom(o.error.to_status())
+    out.duplicate_transition = o.duplicate_transition
+    out.original_status = int(o.original_status)  # type: ignore[assignment]
+
+
+def batch_outcome_to_proto(bo: BatchOutcome) -> sync_pb2.BatchResult:
+    out = sync_pb2.BatchResult(last_applied_seq=bo.last_applied_seq)
+    for o in bo.results:
+        outcome_to_proto(o, out.results.add())
+    return out

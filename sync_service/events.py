@@ -1,0 +1,61 @@
+"""Audit events the sync service writes to its outbox (SPEC §7).
+
+An event is built here as a plain payload whose keys are the wire AuditEvent's
+field names (details encoded with fieldsync.values.encode), stored in the same
+transaction as the change it describes; the relay turns it into the proto.
+"""
+
+from __future__ import annotations
+
+import uuid
+from enum import IntEnum
+
+from fieldsync.values import Fields, encode_fields
+from sync_service.storage.base import OutboxEvent
+
+
+class EventKind(IntEnum):
+    """Matches the wire AuditEventKind."""
+
+    VALIDATION_WARNING = 1
+    DUPLICATE_TRANSITION = 2
+    CONFLICT_SURFACED = 3
+    CONFLICT_RESOLVED = 4
+    LWW_OVERWRITE = 5
+    MUTATION_REJECTED = 6
+
+
+def make_event(
+    kind: EventKind,
+    *,
+    tenant_id: str,
+    occurred_at: int,
+    code: str = "",
+    collection: str = "",
+    record_id: str = "",
+    field: str = "",
+    mutation_id: str = "",
+    client_id: str = "",
+    actor: str = "",
+    client_schema_version: int = 0,
+    message: str = "",
+    details: Fields | None = None,
+) -> OutboxEvent:
+    event_id = uuid.uuid4().hex
+    payload = {
+        "event_id": event_id,
+        "tenant_id": tenant_id,
+        "kind": int(kind),
+        "code": code,
+        "collection": collection,
+        "record_id": record_id,
+        "field": field,
+        "mutation_id": mutation_id,
+        "client_id": client_id,
+        "actor": actor,
+        "occurred_at": occurred_at,
+        "client_schema_version": client_schema_version,
+        "message": message,
+        "details": encode_fields(details or {}),
+    }
+    return OutboxEvent(event_id, tenant_id, payload, occurred_at)

@@ -1,0 +1,66 @@
+"""The sync service's requests and results as domain objects (no protobuf).
+
+The servicer converts wire messages to these (sync_service.convert) and the
+applier (sync_service.apply) works only with them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from fieldsync.errors import FieldSyncError
+from fieldsync.values import Fields
+from sync_service.decode import Repair
+from sync_service.storage.base import StoredConflict, StoredRecord
+
+
+class Status(IntEnum):
+    """Matches the wire MutationStatus."""
+
+    UNSPECIFIED = 0
+    APPLIED = 1
+    MERGED = 2
+    CONFLICT = 3
+    DUPLICATE = 4
+    REJECTED = 5
+
+
+@dataclass(frozen=True, slots=True)
+class MutationIn:
+    mutation_id: str
+    client_seq: int
+    op: int  # wire Op value; validated by the applier
+    collection: str
+    record_id: str
+    fields: Fields
+    base_version: int
+    client_time: int | None = None  # nanoseconds
+    base_fields: Fields = field(default_factory=dict)
+    resolves_conflict_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchIn:
+    client_id: str
+    schema_version: int
+    mutations: list[MutationIn]
+
+
+@dataclass(slots=True)
+class MutationOutcome:
+    mutation_id: str
+    client_seq: int
+    status: Status
+    record: StoredRecord | None = None
+    conflict: StoredConflict | None = None
+    warnings: list[Repair] = field(default_factory=list)
+    error: FieldSyncError | None = None
+    duplicate_transition: bool = False
+    original_status: Status = Status.UNSPECIFIED
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    results: list[MutationOutcome]
+    last_applied_seq: int

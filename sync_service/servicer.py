@@ -1,0 +1,258 @@
+"""The gRPC SyncService: converts wire messages, calls the applier or storage, converts back.
+
+No SQL and no merge logic here. Blocking work (the database) runs in worker
+threads so the event loop keeps serving other calls; errors raised as
+FieldSyncError are mapped to statuses by the interceptor (fieldsync.interceptors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import grpc
+
+from fieldsync.errors import InvalidArgument, Reason
+from fieldsync.interceptors import current_principal
+from fieldsync.v1 import common_pb2, sync_pb2, sync_pb2_grpc
+from fieldsync.values import fields_from_proto
+from sync_service.apply import Applier
+from sync_service.convert import (
+    batch_from_proto,
+    batch_outcome_to_proto,
+    conflict_to_proto,
+    record_to_proto,
+)
+from sync_service.feed import ChangeNotifier, decode_cursor, encode_cursor
+from sync_service.model import BatchIn
+from sync_service.storage.base import Storage, StoredRecord
+
+log = logging.getLogger("fieldsync.sync")
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+MAX_PULL_PAGE = 5000
+MAX_CONFLICT_PAGE = 1000
+MAX_GET_RECORDS = 1000
+
+
+class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
+    def __init__(
+        self,
+        applier: Applier,
+        storage: Storage,
+        notifier: ChangeNotifier,
+        *,
+        pull_page_size: int = 500,
+        subscribe_poll_seconds: float = 1.0,
+    ) -> None:
+        self._applier = applier
+        self._storage = storage
+        self._notifier = notifier
+        self._page = pull_page_size
+        self._poll = subscribe_poll_seconds
+
+    async def ApplyBatch(
+        self, request: sync_pb2.ApplyBatchRequest, context: Ctx
+    ) -> sync_pb2.ApplyBatchResponse:
+        principal = current_principal()
+        batch = batch_from_proto(request.batch)
+        outcome = await asyncio.to_thread(self._applier.apply_batch, principal, batch)
+        self._notifier.notify()
+        return sync_pb2.ApplyBatchResponse(result=batch_outcome_to_proto(outcome))
+
+    async def Sync(
+        self,
+        request_iterator: AsyncIterator[sync_pb2.SyncRequest],
+        context: Ctx,
+    ) -> AsyncIterator[sync_pb2.SyncResponse]:
+        principal = current_principal()
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+        if first.WhichOneof("message") != "hello":
+            raise InvalidArgument(
+                Reason.HELLO_REQUIRED,
+                "a Sync stream starts with a SyncHello",
+                violations=[("hello", "required as the first message")],
+            )
+        client_id = first.hello.client_id
+        last = await asyncio.to_thread(self._applier.last_applied_seq, principal, client_id)
+        yield sync_pb2.SyncResponse(
+            welcome=sync_pb2.SyncWelcome(
+                last_applied_seq=last, server_schema_version=self._applier.schema.version
+            )
+        )
+        # One batch at a time: the next is read only after this one is answered,
+        # so gRPC flow control holds a fast sender back and memory stays flat.
+        async for req in request_iterator:
+            if req.WhichOneof("message") != "batch":
+                raise InvalidArgument(
+                    Reason.INVALID_REQUEST,
+                    "after the hello, a Sync stream carries batches only",
+                    violations=[("batch", "expected")],
+                )
+            batch = batch_from_proto(req.batch)
+            if batch.client_id and batch.client_id != client_id:
+                raise InvalidArgument(
+                    Reason.CLIENT_ID_MISMATCH,
+                    f"batch client_id {batch.client_id!r} differs from the hello's",
+                    violations=[("batch.client_id", "must equal hello.client_id")],
+                )
+            batch = BatchIn(
+                client_id, batch.schema_version or first.hello.schema_version, batch.mutations
+            )
+            outcome = await asyncio.to_thread(self._applier.apply_batch, principal, batch)
+            self._notifier.notify()
+            yield sync_pb2.SyncResponse(result=batch_outcome_to_proto(outcome))
+
+    async def Pull(
+        self, request: sync_pb2.PullRequest, context: Ctx
+    ) -> AsyncIterator[sync_pb2.PullResponse]:
+        tenant = current_principal().tenant_id
+        position = decode_cursor(request.cursor)
+        page = _page_size(request.page_size, self._page, MAX_PULL_PAGE)
+        collections = list(request.collections)
+        # Pages up to the head as it stood at the start: a busy tenant still ends.
+        head = await asyncio.to_thread(self._storage.feed_head, tenant)
+        while True:
+            rows = await asyncio.to_thread(self._storage.pull, tenant, position, collections, page)
+            if rows:
+                position = rows[-1][0]
+            caught_up = len(rows) < page or position >= head
+            yield sync_pb2.PullResponse(
+                changes=_records(r for _, r in rows),
+                cursor=encode_cursor(position),
+                caught_up=caught_up,
+            )
+            if caught_up:
+                return
+
+    async def Subscribe(
+        self, request: sync_pb2.SubscribeRequest, context: Ctx
+    ) -> AsyncIterator[sync_pb2.SubscribeResponse]:
+        tenant = current_principal().tenant_id
+        position = decode_cursor(request.cursor)
+        collections = list(request.collections)
+        while True:
+            rows = await asyncio.to_thread(
+                self._storage.pull, tenant, position, collections, self._page
+            )
+            if rows:
+                position = rows[-1][0]
+                yield sync_pb2.SubscribeResponse(
+                    changes=_records(r for _, r in rows), cursor=encode_cursor(position)
+                )
+                if len(rows) == self._page:
+                    continue
+            await self._notifier.wait(self._poll)
+
+    async def GetRecords(
+        self, request: sync_pb2.GetRecordsRequest, context: Ctx
+    ) -> sync_pb2.GetRecordsResponse:
+        tenant = current_principal().tenant_id
+        self._check_collection(request.collection, "collection")
+        if len(request.record_ids) > MAX_GET_RECORDS:
+            raise InvalidArgument(
+                Reason.INVALID_REQUEST,
+                f"at most {MAX_GET_RECORDS} record ids a call",
+                violations=[("record_ids", f"at most {MAX_GET_RECORDS}")],
+            )
+        found = await asyncio.to_thread(
+            self._storage.get_records, tenant, request.collection, list(request.record_ids)
+        )
+        return sync_pb2.GetRecordsResponse(records=_records(found))
+
+    async def ListConflicts(
+        self, request: sync_pb2.ListConflictsRequest, context: Ctx
+    ) -> sync_pb2.ListConflictsResponse:
+        tenant = current_principal().tenant_id
+        if request.collection:
+            self._check_collection(request.collection, "collection")
+        after = _decode_page_token(request.page_token)
+        page = await asyncio.to_thread(
+            lambda: self._storage.list_conflicts(
+                tenant,
+                collection=request.collection or None,
+                record_id=request.record_id or None,
+                include_resolved=request.include_resolved,
+                limit=_page_size(request.page_size, 100, MAX_CONFLICT_PAGE),
+                after=after,
+            )
+        )
+        out = sync_pb2.ListConflictsResponse()
+        for c in page.conflicts:
+            conflict_to_proto(c, out.conflicts.add())
+        if page.next_after is not None:
+            out.next_page_token = _encode_page_token(page.next_after)
+        return out
+
+    async def ResolveConflict(
+        self, request: sync_pb2.ResolveConflictRequest, context: Ctx
+    ) -> sync_pb2.ResolveConflictResponse:
+        principal = current_principal()
+        record = await asyncio.to_thread(
+            self._applier.resolve_conflict,
+            principal,
+            request.conflict_id,
+            int(request.resolution),
+            fields_from_proto(request.fields),
+        )
+        self._notifier.notify()
+        out = sync_pb2.ResolveConflictResponse()
+        if record.version:
+            record_to_proto(record, out.record)
+        return out
+
+    async def GetSchema(
+        self, request: sync_pb2.GetSchemaRequest, context: Ctx
+    ) -> sync_pb2.GetSchemaResponse:
+        current_principal()
+        schema = self._applier.schema
+        return sync_pb2.GetSchemaResponse(version=schema.version, schema_json=schema.source_json)
+
+    def _check_collection(self, name: str, field: str) -> None:
+        if name not in self._applier.schema.collections:
+            raise InvalidArgument(
+                Reason.UNKNOWN_COLLECTION,
+                f"the schema has no collection {name!r}",
+                violations=[(field, "not in the schema")],
+            )
+
+
+def _records(records: Iterable[StoredRecord]) -> list[common_pb2.Record]:
+    out = []
+    for rec in records:
+        pr = common_pb2.Record()
+        record_to_proto(rec, pr)
+        out.append(pr)
+    return out
+
+
+def _page_size(asked: int, default: int, most: int) -> int:
+    return min(asked or default, most)
+
+
+def _encode_page_token(after: tuple[int, str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(after)).encode()).decode()
+
+
+def _decode_page_token(token: str) -> tuple[int, str] | None:
+    if not token:
+        return None
+    try:
+        at, cid = json.loads(base64.urlsafe_b64decode(token.encode()))
+        if not isinstance(at, int) or not isinstance(cid, str):
+            raise ValueError(token)
+        return at, cid
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidArgument(
+            Reason.INVALID_PAGE_TOKEN,
+            "the page token was not issued by this server; start the listing again",
+            violations=[("page_token", "not issued by this server")],
+        ) from None
