@@ -35,7 +35,7 @@ def running_sync(config: SyncConfig) -> Iterator[SyncEnv]:
     """A real sync service, in process on loopback, until the block ends."""
     app = SyncApp.from_config(config)
     try:
-        with serve_in_thread(app.add_services, app.interceptors()) as address:
+        with serve_in_thread(app.add_services, app.interceptors(), app.server_options()) as address:
             channel = grpc.insecure_channel(address)
             try:
                 stub = sync_pb2_grpc.SyncServiceStub(channel)

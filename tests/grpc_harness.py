@@ -27,8 +27,10 @@ class _ServerThread(threading.Thread):
         self,
         add_services: Callable[[grpc.aio.Server], None],
         interceptors: Sequence[grpc.aio.ServerInterceptor],
+        options: Sequence[tuple[str, int]] = (),
     ) -> None:
         super().__init__(name="grpc-test-server", daemon=True)
+        self._options = list(options)
         self._add_services = add_services
         self._interceptors = list(interceptors)
         self.ready = threading.Event()
@@ -49,7 +51,7 @@ class _ServerThread(threading.Thread):
         # The server must be created on the loop that runs it.
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        server = grpc.aio.server(interceptors=self._interceptors)
+        server = grpc.aio.server(interceptors=self._interceptors, options=self._options)
         try:
             self._add_services(server)
             port = server.add_insecure_port("127.0.0.1:0")
@@ -72,6 +74,7 @@ class _ServerThread(threading.Thread):
 def serve_in_thread(
     add_services: Callable[[grpc.aio.Server], None],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    options: Sequence[tuple[str, int]] = (),
 ) -> Iterator[str]:
     """Serve until the block ends; yields the address "127.0.0.1:PORT".
 
@@ -79,7 +82,7 @@ def serve_in_thread(
     loop, before start). An error while starting is raised here; an error
     while serving or stopping is raised when the block ends without one.
     """
-    thread = _ServerThread(add_services, interceptors)
+    thread = _ServerThread(add_services, interceptors, options)
     thread.start()
     if not thread.ready.wait(_TIMEOUT_SECONDS):
         thread.stop()
