@@ -45,12 +45,20 @@ class ChangeNotifier:
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self._closed = False
 
     def notify(self) -> None:
         self._event.set()
         self._event = asyncio.Event()
 
+    def close(self) -> None:
+        """Wake every waiter for good (shutdown)."""
+        self._closed = True
+        self._event.set()
+
     async def wait(self, timeout: float) -> None:
+        if self._closed:
+            return
         event = self._event
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)

@@ -43,6 +43,8 @@ class SyncApp:
     applier: Applier
     verifier: TokenVerifier
     relay: AuditRelay | None = None
+    servicer: SyncServicer | None = None
+    notifier: ChangeNotifier | None = None
     relay_task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -71,10 +73,11 @@ class SyncApp:
 
         Call it on the loop that will run the server. Returns the health servicer.
         """
-        servicer = SyncServicer(
+        self.notifier = ChangeNotifier()
+        self.servicer = servicer = SyncServicer(
             self.applier,
             self.storage,
-            ChangeNotifier(),
+            self.notifier,
             pull_page_size=self.config.pull_page_size,
             subscribe_poll_seconds=self.config.subscribe_poll_seconds,
         )
@@ -110,6 +113,13 @@ class SyncApp:
         self.relay = AuditRelay(self.storage, self.config.audit_addr, token, on_health=on_health)
         await self.relay.run()
 
+    def begin_shutdown(self) -> None:
+        """Stop waking and end the streams that never finish on their own (Subscribe)."""
+        if self.servicer is not None:
+            self.servicer.begin_shutdown()
+        if self.notifier is not None:
+            self.notifier.close()
+
     async def stop_relay(self) -> None:
         if self.relay_task is not None:
             self.relay_task.cancel()
@@ -121,6 +131,11 @@ class SyncApp:
 
 
 async def serve(config: SyncConfig) -> None:
+    # Signals first: a SIGTERM during startup (migrations) still ends gracefully.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     app = SyncApp.from_config(config)
     server = grpc.aio.server(interceptors=app.interceptors(), options=app.server_options())
     health_servicer = app.add_services(server)
@@ -133,14 +148,11 @@ async def serve(config: SyncConfig) -> None:
     host = config.addr.rsplit(":", 1)[0]
     log.info("sync service listening on %s:%d (database %s)", host, port, app.storage.dialect)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: finishing calls in flight (grace %.1fs)", config.shutdown_grace_seconds)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    app.begin_shutdown()
     await server.stop(config.shutdown_grace_seconds)
     await app.stop_relay()
     app.close()

@@ -56,6 +56,11 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         self._notifier = notifier
         self._page = pull_page_size
         self._poll = subscribe_poll_seconds
+        self._stopping = asyncio.Event()
+
+    def begin_shutdown(self) -> None:
+        """End the open Subscribe streams: they never finish on their own."""
+        self._stopping.set()
 
     async def ApplyBatch(
         self, request: sync_pb2.ApplyBatchRequest, context: Ctx
@@ -150,6 +155,10 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                 )
                 if len(rows) == self._page:
                     continue
+            if self._stopping.is_set():
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, "the server is shutting down; resubscribe"
+                )
             await self._notifier.wait(self._poll)
 
     async def GetRecords(
