@@ -171,6 +171,24 @@ class _History:
             return Change(self._last_change(name), "", "", {})
         return None
 
+    def moved(self, name: str) -> Change | None:
+        """Like other_change, but None when the field is back at its base value.
+
+        A field another writer changed and changed back holds nothing of
+        theirs to keep, so a write to it is no collision. (Existence is
+        excluded: a record created and deleted again by another since base 0
+        is still their delete, see _decide_write.)
+        """
+        change = self.other_change(name)
+        if (
+            change is not None
+            and name != DELETED
+            and self.complete
+            and same(self.theirs(name), self.base(name))
+        ):
+            return None
+        return change
+
     def writer(self, name: str) -> Change:
         """The change that wrote `name`'s current value (call only if it changed since base).
 
@@ -211,7 +229,7 @@ def decide(
     hist = _History(state, base_version, client_id, sorted(changes, key=lambda c: c.version))
     if op is Op.DELETE:
         return _decide_delete(hist, all_lww)
-    return _decide_write(hist, writes, policies, state_fields, all_lww)
+    return _decide_write(hist, op, writes, policies, state_fields, all_lww)
 
 
 def _decide_delete(hist: _History, all_lww: bool) -> Decision:
@@ -250,7 +268,7 @@ def _fields_changed_by_others(hist: _History) -> list[tuple[str, Change]]:
         names.update(n for n, v in versions.items() if v > hist.base_version and n != DELETED)
     out = []
     for name in sorted(names):
-        change = hist.other_change(name)
+        change = hist.moved(name)
         if change is not None:
             out.append((name, change))
     return out
@@ -258,6 +276,7 @@ def _fields_changed_by_others(hist: _History) -> list[tuple[str, Change]]:
 
 def _decide_write(
     hist: _History,
+    op: Op,
     writes: Mapping[str, FieldValue],
     policies: Mapping[str, Policy],
     state_fields: frozenset[str],
@@ -291,10 +310,20 @@ def _decide_write(
 
     for name, yours in writes.items():
         theirs = hist.theirs(name)
-        other = hist.other_change(name)
+        other = hist.moved(name)
         if other is None:
             if not same(yours, theirs):
                 updates[name] = yours
+            continue
+        if (
+            op is Op.PUT
+            and hist.base_version > 0
+            and hist.complete
+            and same(yours, hist.base(name))
+        ):
+            # Replacing a record it has seen, a PUT repeats every field; one it
+            # left as it saw it is no intent to undo another writer's change.
+            # (On base 0 a PUT is a create and names only what it means.)
             continue
         if same(yours, theirs):
             # A duplicate only if another writer made the transition (not this
