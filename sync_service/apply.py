@@ -514,7 +514,7 @@ class _BatchRun:
             return
         conflict.resolved = True
         self.out.resolutions.append(
-            ConflictResolution(cid, self.now, self.principal.sub, m.mutation_id)
+            ConflictResolution(self.tenant, cid, self.now, self.principal.sub, m.mutation_id)
         )
         self._event(
             EventKind.CONFLICT_RESOLVED,
@@ -528,7 +528,9 @@ class _BatchRun:
         found = self.tx.load_records(self.tenant, conflict.collection, [conflict.record_id])
         rec = found.get(conflict.record_id) or StoredRecord(self.tenant, *key)
         self.out.resolutions.append(
-            ConflictResolution(conflict.conflict_id, self.now, self.principal.sub, "KEEP_THEIRS")
+            ConflictResolution(
+                self.tenant, conflict.conflict_id, self.now, self.principal.sub, "KEEP_THEIRS"
+            )
         )
         self.out.events.append(
             make_event(

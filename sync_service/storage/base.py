@@ -92,6 +92,7 @@ class StoredConflict:
 
 @dataclass(frozen=True, slots=True)
 class ConflictResolution:
+    tenant_id: str
     conflict_id: str
     resolved_at: int
     resolved_by: str

@@ -25,7 +25,6 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, and_, bindparam, create_engine, event, func, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
 from fieldsync.values import decode, decode_fields, encode, encode_fields
 from sync_service.merge import Change
@@ -112,21 +111,20 @@ class SqlStorage:
     # -- lifecycle ------------------------------------------------------------
 
     def migrate(self) -> None:
-        """Create or upgrade the schema to the newest migration."""
+        """Create or upgrade the schema to the newest migration, atomically.
+
+        On the write engine, so SQLite runs it in one BEGIN IMMEDIATE
+        transaction (instances starting together wait for each other; a crash
+        mid-migration leaves nothing half-built) and PostgreSQL under the
+        advisory write lock.
+        """
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
-        engine = self._write
-        if self.dialect == "sqlite":
-            # Alembic's batch mode manages its own statements; a plain engine
-            # (no BEGIN IMMEDIATE hook) keeps it simple.
-            engine = create_engine(self.url, poolclass=NullPool)
-        with engine.begin() as conn:
+        with self._write.begin() as conn:
             if self.dialect == "postgresql":
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
-        if engine is not self._write:
-            engine.dispose()
 
     def close(self) -> None:
         self._write.dispose()
@@ -365,7 +363,7 @@ class SqlWriteTx:
             c = conflicts.c
             conn.execute(
                 conflicts.update()
-                .where(c.conflict_id == bindparam("b_id"))
+                .where(c.conflict_id == bindparam("b_id"), c.tenant_id == bindparam("b_tenant"))
                 .values(
                     resolved=True,
                     resolved_at=bindparam("resolved_at"),
@@ -375,6 +373,7 @@ class SqlWriteTx:
                 [
                     {
                         "b_id": r.conflict_id,
+                        "b_tenant": r.tenant_id,
                         "resolved_at": r.resolved_at,
                         "resolved_by": r.resolved_by,
                         "resolution": r.resolution,
