@@ -14,6 +14,7 @@ from fieldsync.v1 import sync_pb2_grpc
 from sync_service.config import SyncConfig
 from sync_service.server import SyncApp
 from tests.grpc_harness import serve_in_thread
+from tests.pg import storage_url  # noqa: F401  (a fixture, shared by every test module)
 from tests.support import SECRET, SyncEnv
 
 
