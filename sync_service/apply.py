@@ -298,6 +298,7 @@ class _BatchRun:
                 for rid, changes in self.tx.load_changes(self.tenant, collection, stale).items():
                     self.changes[(collection, rid)] = changes
         wanted = {m.resolves_conflict_id for m in fresh if m.resolves_conflict_id}
+        wanted.update(r.payload["c"] for r in stored if r.payload.get("c"))
         if wanted:
             self.conflicts.update(self.tx.load_conflicts(self.tenant, wanted))
 
@@ -316,7 +317,7 @@ class _BatchRun:
         if p.get("e"):
             outcome.error = _error_from_payload(p["e"])
         if p.get("c"):
-            outcome.conflict = self.tx.load_conflicts(self.tenant, [p["c"]]).get(p["c"])
+            outcome.conflict = self.conflicts.get(p["c"])
         if p.get("k"):
             rec = self.records.get((p["k"][0], p["k"][1]))
             outcome.record = rec if rec is not None and rec.version else None

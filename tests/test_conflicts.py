@@ -214,3 +214,17 @@ def test_list_conflicts_pages_through_all_of_them(sync_env: SyncEnv) -> None:
             sync_pb2.ListConflictsRequest(page_token="%%%"), metadata=a.metadata
         )
     assert rpc_reason(info.value) == "INVALID_PAGE_TOKEN"
+
+
+def test_a_replayed_conflict_answers_with_the_same_durable_conflict(sync_env: SyncEnv) -> None:
+    desk, rep = sync_env.client(sub="desk"), sync_env.client(sub="rep")
+    desk.one("t", {"title": "x"}, op=PUT)
+    desk.one("t", {"title": "desk"}, base=1)
+    m = rep.mut("t", {"title": "rep", "estimate": 4}, base=1)
+    first = rep.apply(m).results[0]
+    assert first.status == S.MUTATION_STATUS_CONFLICT
+    again = rep.apply(m).results[0]
+    assert again.status == S.MUTATION_STATUS_DUPLICATE
+    assert again.original_status == S.MUTATION_STATUS_CONFLICT
+    assert again.conflict == first.conflict
+    assert len(rep.conflicts()) == 1
