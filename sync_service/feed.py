@@ -41,7 +41,12 @@ def decode_cursor(cursor: str) -> int:
 
 
 class ChangeNotifier:
-    """Wakes every waiter when something commits (call `notify` on the event loop)."""
+    """Wakes every waiter when something commits (call `notify` on the event loop).
+
+    A waiter takes a `snapshot()` BEFORE it reads the database and waits on
+    that: a commit that lands during the read has already set the snapshot,
+    so the wake-up is never lost between reading and waiting.
+    """
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
@@ -56,9 +61,12 @@ class ChangeNotifier:
         self._closed = True
         self._event.set()
 
-    async def wait(self, timeout: float) -> None:
-        if self._closed:
+    def snapshot(self) -> asyncio.Event:
+        return self._event
+
+    async def wait(self, since: asyncio.Event, timeout: float) -> None:
+        """Return when something committed after `since` was taken, or after `timeout`."""
+        if self._closed or since.is_set():
             return
-        event = self._event
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+            await asyncio.wait_for(since.wait(), timeout)

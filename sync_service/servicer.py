@@ -145,6 +145,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         position = decode_cursor(request.cursor)
         collections = list(request.collections)
         while True:
+            woken = self._notifier.snapshot()  # before the read: no wake-up is lost
             rows = await asyncio.to_thread(
                 self._storage.pull, tenant, position, collections, self._page
             )
@@ -159,7 +160,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE, "the server is shutting down; resubscribe"
                 )
-            await self._notifier.wait(self._poll)
+            await self._notifier.wait(woken, self._poll)
 
     async def GetRecords(
         self, request: sync_pb2.GetRecordsRequest, context: Ctx

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import grpc
 import pytest
 
 from fieldsync.v1 import sync_pb2
+from tests.conftest import make_config, running_sync
 from tests.support import DELETE, PUT, SyncEnv, rpc_reason
 
 
@@ -92,3 +94,41 @@ def test_subscribe_open_during_writes_receives_every_change_once(sync_env: SyncE
     call.cancel()
     t.join(5)
     assert sorted(seen) == sorted(expected.items())  # every change, once
+
+
+def test_subscribe_is_woken_by_every_commit_without_polling(tmp_path: Path) -> None:
+    # Polling an hour apart: every change must arrive through the in-process wake-up,
+    # including commits that land while the stream is reading the database.
+    config = make_config(f"sqlite:///{tmp_path / 'sync.db'}", subscribe_poll_seconds=3600)
+    with running_sync(config) as env:
+        w = env.client(sub="writer")
+        call = env.stub.Subscribe(sync_pb2.SubscribeRequest(), metadata=w.metadata)
+        seen: set[str] = set()
+        want = {f"w{i}" for i in range(40)}
+        done = threading.Event()
+
+        def follow() -> None:
+            for resp in call:
+                seen.update(r.record_id for r in resp.changes)
+                if want <= seen:
+                    done.set()
+                    return
+
+        t = threading.Thread(target=follow, daemon=True)
+        t.start()
+        writers = [
+            threading.Thread(
+                target=lambda k=k: [
+                    env.client(sub=f"u{k}").one(f"w{i}", {"title": "x"}, op=PUT)
+                    for i in range(k, 40, 4)
+                ]
+            )
+            for k in range(4)
+        ]
+        for th in writers:
+            th.start()
+        for th in writers:
+            th.join()
+        assert done.wait(20), f"missing: {sorted(want - seen)}"
+        call.cancel()
+        t.join(5)
