@@ -6,7 +6,8 @@
     ├── PermissionDenied           PERMISSION_DENIED: valid token, not allowed
     ├── NotFound                   NOT_FOUND
     ├── FailedPrecondition         FAILED_PRECONDITION: not in the state the call needs
-    └── Aborted                    ABORTED: lost a race; retrying may succeed
+    ├── Aborted                    ABORTED: lost a race; retrying may succeed
+    └── Unavailable                UNAVAILABLE: the server is stopping; retry
 
 Every error carries one `Reason` (a stable code, documented in docs/errors.md,
 which a test keeps in step with this enum). `to_status` turns an error into a
@@ -51,6 +52,8 @@ class Reason(StrEnum):
     CONFLICT_NOT_FOUND = "CONFLICT_NOT_FOUND"
     CONFLICT_ALREADY_RESOLVED = "CONFLICT_ALREADY_RESOLVED"
     CONFLICT_STALE = "CONFLICT_STALE"
+    INVALID_AUDIT_EVENT = "INVALID_AUDIT_EVENT"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
     INTERNAL = "INTERNAL"
 
 
@@ -99,6 +102,10 @@ class FailedPrecondition(FieldSyncError):
 
 class Aborted(FieldSyncError):
     code = grpc.StatusCode.ABORTED
+
+
+class Unavailable(FieldSyncError):
+    code = grpc.StatusCode.UNAVAILABLE
 
 
 def to_status(

@@ -1,0 +1,1 @@
+"""The audit database's revisions, oldest first (Alembic skips this file)."""

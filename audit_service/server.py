@@ -1,0 +1,117 @@
+"""Building and running the audit service: storage, servicer, health, reflection.
+
+`AuditApp` holds what a running service shares (storage, verifier, the commit
+signal); `add_services` registers everything on a grpc.aio server, so tests
+run the real thing in process; `serve` is the process: migrate, listen, answer
+health once ready, and on SIGTERM stop taking calls, end the open tails, let
+the calls in flight finish within the grace period, and return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from audit_service.config import AuditConfig
+from audit_service.servicer import AuditServicer
+from audit_service.storage import SqlAuditStorage
+from audit_service.tail import CommitSignal
+from fieldsync.auth import TokenVerifier
+from fieldsync.interceptors import FieldSyncInterceptor
+from fieldsync.v1 import audit_pb2, audit_pb2_grpc
+
+__all__ = ["SERVICE_NAME", "AuditApp", "serve"]
+
+log = logging.getLogger("fieldsync.audit")
+
+SERVICE_NAME = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
+
+
+@dataclass
+class AuditApp:
+    config: AuditConfig
+    storage: SqlAuditStorage
+    verifier: TokenVerifier
+    # Made by add_services, on the loop that serves: asyncio events belong to one loop.
+    signal: CommitSignal | None = field(default=None, init=False)
+
+    @classmethod
+    def from_config(cls, config: AuditConfig) -> AuditApp:
+        if config.auth is None:
+            raise ValueError("no token verification configured (FIELDSYNC_JWT_SECRET, ...)")
+        verifier = TokenVerifier(config.auth)
+        storage = SqlAuditStorage(
+            config.db_url,
+            sqlite_synchronous=config.sqlite_synchronous,
+            pool_size=config.db_pool_size,
+        )
+        try:
+            storage.migrate()
+        except BaseException:
+            storage.close()
+            raise
+        return cls(config, storage, verifier)
+
+    def server_options(self) -> list[tuple[str, int]]:
+        n = self.config.max_message_bytes
+        return [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        return [FieldSyncInterceptor(self.verifier)]
+
+    def add_services(self, server: grpc.aio.Server) -> health.aio.HealthServicer:
+        """Register the audit, health and reflection services; returns the health servicer."""
+        self.signal = CommitSignal()
+        servicer = AuditServicer(
+            self.storage, self.signal, tail_poll_seconds=self.config.tail_poll_seconds
+        )
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(servicer, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        return health_servicer
+
+    def begin_shutdown(self) -> None:
+        """End the open tails (they would otherwise hold the stop for its whole grace)."""
+        if self.signal is not None:
+            self.signal.close()
+
+    def close(self) -> None:
+        self.storage.close()
+
+
+async def serve(config: AuditConfig) -> None:
+    app = AuditApp.from_config(config)
+    try:
+        server = grpc.aio.server(interceptors=app.interceptors(), options=app.server_options())
+        health_servicer = app.add_services(server)
+        port = server.add_insecure_port(config.addr)
+        if port == 0:
+            raise SystemExit(f"cannot listen on {config.addr}")
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        host = config.addr.rsplit(":", 1)[0]
+        log.info("audit service listening on %s:%d (database %s)", host, port, app.storage.dialect)
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: finishing calls in flight (grace %.1fs)", config.shutdown_grace_seconds)
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        app.begin_shutdown()
+        await server.stop(config.shutdown_grace_seconds)
+    finally:
+        app.close()
+    log.info("stopped")

@@ -1,0 +1,291 @@
+"""Where audit events are kept: the `AuditStorage` interface and its SQL implementation.
+
+`SqlAuditStorage` runs on SQLite or PostgreSQL through SQLAlchemy Core; the
+schema is created or upgraded by Alembic (`migrate`, run at start).
+
+Two guarantees the readers rely on:
+
+- Each `event_id` is stored once. `record` finds the ids already stored in
+  one query and inserts the rest with one executemany; the insert also says
+  ON CONFLICT DO NOTHING, so an id another caller stored meanwhile is counted
+  as a duplicate, never a failed call.
+- Events become visible in `seq` order. Writers take the write lock before
+  their first insert (SQLite: BEGIN IMMEDIATE; PostgreSQL: a transaction-scoped
+  advisory lock) and hold it until commit, so no transaction can commit a
+  smaller seq after a reader has seen a larger one; a tail that asks for
+  `seq > position` never skips an event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, Select, create_engine, event, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+
+from audit_service.model import (
+    AuditEvent,
+    EventFilter,
+    EventKind,
+    EventPage,
+    RecordOutcome,
+    StoredEvent,
+)
+from audit_service.tables import audit_events
+from fieldsync.values import decode_fields, encode_fields
+from sync_service.storage import normalize_url
+
+__all__ = ["MIGRATIONS", "AuditStorage", "SqlAuditStorage"]
+
+log = logging.getLogger("fieldsync.audit.storage")
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_CHUNK = 500  # bound parameters per IN list
+_PRUNE_CHUNK = 5_000  # rows deleted per transaction, so prune never holds the lock for long
+_PG_WRITE_LOCK = 0x46_53_41_55  # "FSAU": the advisory lock id of audit writes
+
+
+class AuditStorage(Protocol):
+    """What the servicer needs of a store of audit events."""
+
+    def record(self, events: Sequence[AuditEvent]) -> RecordOutcome:
+        """Store each event whose id is not stored yet; every event offered is counted
+        once, as recorded or as a duplicate (a repeat within `events` included)."""
+        ...
+
+    def query(self, flt: EventFilter, *, after_seq: int, limit: int) -> EventPage:
+        """The tenant's events matching `flt` with seq > after_seq, oldest first."""
+        ...
+
+    def events_after(
+        self, tenant_id: str, seq: int, kinds: frozenset[EventKind], limit: int
+    ) -> list[StoredEvent]:
+        """For tailing: the tenant's events of `kinds` (all when empty) after `seq`."""
+        ...
+
+    def head(self, tenant_id: str) -> int:
+        """The seq of the tenant's newest event (0 when there is none)."""
+        ...
+
+    def prune(self, older_than_ns: int) -> int:
+        """Delete every event that occurred before the instant; how many were deleted."""
+        ...
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for i in range(0, len(items), _CHUNK):
+        yield items[i : i + _CHUNK]
+
+
+def _sqlite_engine(url: str, *, write: bool, synchronous: str) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # We issue BEGIN ourselves (the driver's implicit BEGIN is deferred).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+class SqlAuditStorage:
+    """AuditStorage on one SQLAlchemy URL (sqlite:///path or postgresql://...)."""
+
+    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 5) -> None:
+        self.url = normalize_url(url)
+        self.dialect = make_url(self.url).get_backend_name()
+        if self.dialect == "sqlite":
+            self._write = _sqlite_engine(self.url, write=True, synchronous=sqlite_synchronous)
+            self._read = _sqlite_engine(self.url, write=False, synchronous=sqlite_synchronous)
+        elif self.dialect == "postgresql":
+            self._write = create_engine(
+                self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+            )
+            self._read = self._write
+        else:
+            raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Create or upgrade the schema to the newest migration, atomically.
+
+        On the write engine, so SQLite runs it in one BEGIN IMMEDIATE
+        transaction and PostgreSQL under the advisory write lock: instances
+        starting together wait for each other instead of both creating the
+        table, and a crash mid-migration leaves nothing half-built.
+        """
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        with self._write_transaction() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def close(self) -> None:
+        self._write.dispose()
+        if self._read is not self._write:
+            self._read.dispose()
+
+    @contextmanager
+    def _write_transaction(self) -> Iterator[Connection]:
+        with self._write.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
+            yield conn
+
+    # -- writes ---------------------------------------------------------------
+
+    def record(self, events: Sequence[AuditEvent]) -> RecordOutcome:
+        # The first of several events under one id is the one kept.
+        unique: dict[str, AuditEvent] = {}
+        for ev in events:
+            unique.setdefault(ev.event_id, ev)
+        if not unique:
+            return RecordOutcome(0, len(events))
+        recorded_at = time.time_ns()
+        c = audit_events.c
+        with self._write_transaction() as conn:
+            stored: set[str] = set()
+            for chunk in _chunks(list(unique)):
+                stored.update(
+                    conn.execute(select(c.event_id).where(c.event_id.in_(chunk))).scalars()
+                )
+            rows = [_row(ev, recorded_at) for eid, ev in unique.items() if eid not in stored]
+            inserted = 0
+            if rows:
+                # RETURNING counts only the rows really inserted, whatever the
+                # driver reports as rowcount for an executemany.
+                inserted = len(conn.execute(self._insert_new().returning(c.seq), rows).all())
+        return RecordOutcome(inserted, len(events) - inserted)
+
+    def _insert_new(self) -> Any:
+        """INSERT that skips an event_id already stored instead of failing."""
+        if self.dialect == "postgresql":
+            return postgresql.insert(audit_events).on_conflict_do_nothing(
+                index_elements=[audit_events.c.event_id]
+            )
+        return sqlite.insert(audit_events).on_conflict_do_nothing(
+            index_elements=[audit_events.c.event_id]
+        )
+
+    def prune(self, older_than_ns: int) -> int:
+        c = audit_events.c
+        doomed = (
+            select(c.seq)
+            .where(c.occurred_at < older_than_ns)
+            .order_by(c.seq)
+            .limit(_PRUNE_CHUNK)
+            .scalar_subquery()
+        )
+        total = 0
+        while True:
+            with self._write.begin() as conn:
+                deleted = conn.execute(audit_events.delete().where(c.seq.in_(doomed))).rowcount
+            total += deleted
+            if deleted < _PRUNE_CHUNK:
+                return total
+
+    # -- reads ----------------------------------------------------------------
+
+    def query(self, flt: EventFilter, *, after_seq: int, limit: int) -> EventPage:
+        q = _select(flt, after_seq).limit(limit + 1)
+        with self._read.connect() as conn:
+            found = [_from_row(r) for r in conn.execute(q)]
+        return EventPage(found[:limit], more=len(found) > limit)
+
+    def events_after(
+        self, tenant_id: str, seq: int, kinds: frozenset[EventKind], limit: int
+    ) -> list[StoredEvent]:
+        q = _select(EventFilter(tenant_id, kinds=kinds), seq).limit(limit)
+        with self._read.connect() as conn:
+            return [_from_row(r) for r in conn.execute(q)]
+
+    def head(self, tenant_id: str) -> int:
+        q = select(func.coalesce(func.max(audit_events.c.seq), 0)).where(
+            audit_events.c.tenant_id == tenant_id
+        )
+        with self._read.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+
+def _select(flt: EventFilter, after_seq: int) -> Select[Any]:
+    c = audit_events.c
+    q = select(audit_events).where(c.tenant_id == flt.tenant_id, c.seq > after_seq)
+    if flt.kinds:
+        q = q.where(c.kind.in_(sorted(int(k) for k in flt.kinds)))
+    if flt.collection:
+        q = q.where(c.collection == flt.collection)
+    if flt.record_id:
+        q = q.where(c.record_id == flt.record_id)
+    if flt.mutation_id:
+        q = q.where(c.mutation_id == flt.mutation_id)
+    if flt.since is not None:
+        q = q.where(c.occurred_at >= flt.since)
+    if flt.until is not None:
+        q = q.where(c.occurred_at < flt.until)
+    return q.order_by(c.seq)
+
+
+def _row(ev: AuditEvent, recorded_at: int) -> dict[str, Any]:
+    return {
+        "event_id": ev.event_id,
+        "tenant_id": ev.tenant_id,
+        "kind": int(ev.kind),
+        "code": ev.code,
+        "collection": ev.collection,
+        "record_id": ev.record_id,
+        "field": ev.field,
+        "mutation_id": ev.mutation_id,
+        "client_id": ev.client_id,
+        "actor": ev.actor,
+        "occurred_at": ev.occurred_at,
+        "recorded_at": recorded_at,
+        "client_schema_version": ev.client_schema_version,
+        "message": ev.message,
+        "details": _dumps(encode_fields(ev.details)),
+    }
+
+
+def _from_row(r: Any) -> StoredEvent:
+    return StoredEvent(
+        seq=r.seq,
+        recorded_at=r.recorded_at,
+        event=AuditEvent(
+            event_id=r.event_id,
+            tenant_id=r.tenant_id,
+            kind=EventKind(r.kind),
+            occurred_at=r.occurred_at,
+            code=r.code,
+            collection=r.collection,
+            record_id=r.record_id,
+            field=r.field,
+            mutation_id=r.mutation_id,
+            client_id=r.client_id,
+            actor=r.actor,
+            client_schema_version=r.client_schema_version,
+            message=r.message,
+            details=decode_fields(json.loads(r.details)),
+        ),
+    )
