@@ -36,6 +36,11 @@ class SyncConfig:
     other processes (changes of this process wake it at once)."""
     db_pool_size: int = 5
     """FIELDSYNC_DB_POOL_SIZE: connections per PostgreSQL pool."""
+    relay_batch_size: int = 500
+    """FIELDSYNC_AUDIT_RELAY_BATCH: audit events a RecordEvents call."""
+    relay_max_backoff_seconds: float = 15.0
+    """FIELDSYNC_AUDIT_RELAY_MAX_BACKOFF: longest wait between delivery attempts
+    while the audit service is down."""
     relay_enabled: bool = True
     """FIELDSYNC_AUDIT_RELAY: 0 turns off delivery of audit events (they stay in the outbox)."""
     service_token_file: str | None = None
@@ -64,6 +69,10 @@ class SyncConfig:
                 env.get("FIELDSYNC_SUBSCRIBE_POLL", d.subscribe_poll_seconds)
             ),
             db_pool_size=int(env.get("FIELDSYNC_DB_POOL_SIZE", d.db_pool_size)),
+            relay_batch_size=int(env.get("FIELDSYNC_AUDIT_RELAY_BATCH", d.relay_batch_size)),
+            relay_max_backoff_seconds=float(
+                env.get("FIELDSYNC_AUDIT_RELAY_MAX_BACKOFF", d.relay_max_backoff_seconds)
+            ),
             relay_enabled=env.get("FIELDSYNC_AUDIT_RELAY", "1") not in ("0", "false", "no"),
             service_token_file=env.get("FIELDSYNC_SERVICE_TOKEN_FILE") or None,
             jwt_secret=env.get("FIELDSYNC_JWT_SECRET") or None,

@@ -110,7 +110,14 @@ class SyncApp:
             )
             await health_servicer.set(RELAY_HEALTH_NAME, status)
 
-        self.relay = AuditRelay(self.storage, self.config.audit_addr, token, on_health=on_health)
+        self.relay = AuditRelay(
+            self.storage,
+            self.config.audit_addr,
+            token,
+            batch_size=self.config.relay_batch_size,
+            max_backoff=self.config.relay_max_backoff_seconds,
+            on_health=on_health,
+        )
         await self.relay.run()
 
     def begin_shutdown(self) -> None:

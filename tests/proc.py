@@ -1,10 +1,12 @@
-"""The sync service as a real process, for tests of what only a process can show.
+"""The sync and audit services as real processes, for tests of what only a process can show.
 
 `start_sync_service` runs `python -m sync_service` on a fresh loopback port
 with a given database and secret, and returns once the standard health check
 answers SERVING; `SyncProcess` gives its address and pid and stops it with
 SIGTERM (and a bounded wait) or SIGKILL. `running_sync_service` is the same as
 a context manager that always stops the process, whatever the block raised.
+`start_audit_service` does the same for `python -m audit_service`, on a given
+address when a test restarts it where a sync service's relay expects it.
 
 The service's stderr goes to a file; its last lines are printed when the
 process stops, so pytest shows them beside a failing test, and they are part
@@ -37,10 +39,13 @@ __all__ = [
     "free_port",
     "health_status",
     "running_sync_service",
+    "start_audit_service",
     "start_sync_service",
 ]
 
 SYNC_SERVICE_NAME = "fieldsync.v1.SyncService"
+AUDIT_SERVICE_NAME = "fieldsync.v1.AuditService"
+_SERVICE_NAMES = {"sync_service": SYNC_SERVICE_NAME, "audit_service": AUDIT_SERVICE_NAME}
 
 # Safety nets, not synchronisation: readiness and exit are polled on a real
 # condition and these only bound how long a broken service can hold a test.
@@ -88,6 +93,7 @@ class SyncProcess:
     stderr_path: Path
     popen: subprocess.Popen[bytes]
     _stderr_file: IO[bytes] = field(repr=False)
+    module: str = "sync_service"
 
     @property
     def pid(self) -> int:
@@ -111,14 +117,14 @@ class SyncProcess:
         """What to show when something about this process went wrong."""
         state = "running" if self.alive() else f"exited with {self.popen.returncode}"
         return (
-            f"sync service pid {self.pid} on {self.address} ({state}); "
+            f"{self.module} pid {self.pid} on {self.address} ({state}); "
             f"stderr ({self.stderr_path}), last lines:\n{self.stderr_tail()}"
         )
 
     def wait_until_serving(self, timeout: float = READY_TIMEOUT) -> None:
         """Poll the health check (no token) until both names answer SERVING."""
         deadline = time.monotonic() + timeout
-        pending = ["", SYNC_SERVICE_NAME]
+        pending = ["", _SERVICE_NAMES[self.module]]
         with fast_reconnect_channel(self.address) as channel:
             while pending:
                 if not self.alive():
@@ -184,24 +190,23 @@ class SyncProcess:
             return
         tail = self.stderr_tail()
         self._stderr_file.close()
-        print(f"--- sync service pid {self.pid} stderr ({self.stderr_path}) ---\n{tail}")
+        print(f"--- {self.module} pid {self.pid} stderr ({self.stderr_path}) ---\n{tail}")
 
 
 def _service_env(
-    address: str, db_url: str, secret: str, extra: Mapping[str, str]
+    module: str, address: str, db_url: str, secret: str, extra: Mapping[str, str]
 ) -> dict[str, str]:
     # Nothing from the developer's own FIELDSYNC_* settings leaks into the test.
     env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDSYNC_")}
-    env.update(
-        {
-            "FIELDSYNC_SYNC_ADDR": address,
-            "FIELDSYNC_SYNC_DB": db_url,
-            "FIELDSYNC_JWT_SECRET": secret,
-            # Audit delivery, if any, must not reach someone else's audit service.
-            "FIELDSYNC_AUDIT_ADDR": f"127.0.0.1:{free_port()}",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
+    env.update({"FIELDSYNC_JWT_SECRET": secret, "PYTHONUNBUFFERED": "1"})
+    if module == "sync_service":
+        env["FIELDSYNC_SYNC_ADDR"] = address
+        env["FIELDSYNC_SYNC_DB"] = db_url
+        # Audit delivery, if any, must not reach someone else's audit service.
+        env["FIELDSYNC_AUDIT_ADDR"] = f"127.0.0.1:{free_port()}"
+    else:
+        env["FIELDSYNC_AUDIT_ADDR"] = address
+        env["FIELDSYNC_AUDIT_DB"] = db_url
     env.update(extra)
     return env
 
@@ -219,15 +224,49 @@ def start_sync_service(
     `env` adds or overrides FIELDSYNC_* settings (e.g. FIELDSYNC_SHUTDOWN_GRACE).
     The process runs in `log_dir`, which also holds its stderr file.
     """
+    return _start("sync_service", db_url, log_dir, secret=secret, env=env, ready=ready_timeout)
+
+
+def start_audit_service(
+    db_url: str,
+    log_dir: Path,
+    *,
+    address: str | None = None,
+    secret: str = SECRET,
+    env: Mapping[str, str] | None = None,
+    ready_timeout: float = READY_TIMEOUT,
+) -> SyncProcess:
+    """Start `python -m audit_service` (on `address`, or a fresh port) until SERVING."""
+    return _start(
+        "audit_service",
+        db_url,
+        log_dir,
+        secret=secret,
+        env=env,
+        ready=ready_timeout,
+        address=address,
+    )
+
+
+def _start(
+    module: str,
+    db_url: str,
+    log_dir: Path,
+    *,
+    secret: str,
+    env: Mapping[str, str] | None,
+    ready: float,
+    address: str | None = None,
+) -> SyncProcess:
     log_dir.mkdir(parents=True, exist_ok=True)
-    address = f"127.0.0.1:{free_port()}"
-    stderr_path = log_dir / f"sync-{address.replace(':', '-')}-{time.monotonic_ns()}.stderr"
+    address = address or f"127.0.0.1:{free_port()}"
+    stderr_path = log_dir / f"{module}-{address.replace(':', '-')}-{time.monotonic_ns()}.stderr"
     stderr_file = stderr_path.open("wb")
     try:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "sync_service"],
+            [sys.executable, "-m", module],
             cwd=log_dir,
-            env=_service_env(address, db_url, secret, env or {}),
+            env=_service_env(module, address, db_url, secret, env or {}),
             stdin=subprocess.DEVNULL,
             stdout=stderr_file,
             stderr=stderr_file,
@@ -236,9 +275,9 @@ def start_sync_service(
     except BaseException:
         stderr_file.close()
         raise
-    proc = SyncProcess(address, db_url, secret, stderr_path, popen, stderr_file)
+    proc = SyncProcess(address, db_url, secret, stderr_path, popen, stderr_file, module)
     try:
-        proc.wait_until_serving(ready_timeout)
+        proc.wait_until_serving(ready)
     except BaseException:
         proc.kill()
         proc.close()
