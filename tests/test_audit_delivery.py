@@ -43,7 +43,7 @@ class Auditor:
         self._stub = audit_pb2_grpc.AuditServiceStub(self._channel)
         self._md = md(token(tenant, "ann", ["auditor"]))
 
-    def events(self, *kinds: int) -> list[audit_pb2.AuditEvent]:
+    def events(self, *kinds: audit_pb2.AuditEventKind.ValueType) -> list[audit_pb2.AuditEvent]:
         out: list[audit_pb2.AuditEvent] = []
         page_token = ""
         while True:
@@ -256,10 +256,11 @@ def _killed_three_times(tmp_path: Path, audit_addr: str, sync: SyncEnv) -> None:
     try:
         for threshold in (50, 150, 250):
             proc = start_audit_service(audit_db, tmp_path, address=audit_addr)
-            _wait_for(
-                f"{threshold} delivered",
-                lambda t=threshold: len(auditor.events(K.AUDIT_EVENT_KIND_VALIDATION_WARNING)) >= t,
-            )
+
+            def delivered(t: int = threshold) -> bool:
+                return len(auditor.events(K.AUDIT_EVENT_KIND_VALIDATION_WARNING)) >= t
+
+            _wait_for(f"{threshold} delivered", delivered)
             proc.kill()
             proc.close()
             left_at_kill.append(storage.outbox_depth()[0])
