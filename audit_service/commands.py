@@ -64,6 +64,7 @@ def add_commands(sub: Any) -> None:
     query.add_argument("--record", default="", help="only events of this record id")
     query.add_argument("--mutation", default="", help="only events of this mutation id")
     query.add_argument("--limit", type=int, default=100, metavar="N", help="at most N events")
+    query.add_argument("--newest-first", action="store_true", help="newest events first")
 
 
 def run_prune(args: argparse.Namespace, config: AuditConfig, out: TextIO | None = None) -> int:
@@ -164,6 +165,7 @@ def run_query(args: argparse.Namespace, config: AuditConfig, out: TextIO | None 
         record_id=args.record,
         mutation_id=args.mutation,
         page_size=min(args.limit, QUERY_PAGE),
+        newest_first=args.newest_first,
     )
     out = out or sys.stdout  # looked up now, not at import: callers may have replaced it
     printed = 0

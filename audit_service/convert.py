@@ -136,6 +136,7 @@ def filter_from_proto(tenant_id: str, req: audit_pb2.QueryEventsRequest) -> Even
         mutation_id=req.mutation_id,
         since=since,
         until=until,
+        newest_first=req.newest_first,
     )
 
 

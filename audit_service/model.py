@@ -91,6 +91,7 @@ class EventFilter:
     mutation_id: str = ""
     since: int | None = None
     until: int | None = None
+    newest_first: bool = False
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ def _digest(seq: int, flt: EventFilter) -> str:
             flt.mutation_id,
             flt.since,
             flt.until,
+            flt.newest_first,
         ],
         separators=(",", ":"),
     )

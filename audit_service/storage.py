@@ -210,6 +210,8 @@ class SqlAuditStorage:
     # -- reads ----------------------------------------------------------------
 
     def query(self, flt: EventFilter, *, after_seq: int, limit: int) -> EventPage:
+        """`after_seq` is the last position of the previous page (0: from the start);
+        with `flt.newest_first` the listing runs from the newest event backwards."""
         q = _select(flt, after_seq).limit(limit + 1)
         with self._read.connect() as conn:
             found = [_from_row(r) for r in conn.execute(q)]
@@ -232,7 +234,11 @@ class SqlAuditStorage:
 
 def _select(flt: EventFilter, after_seq: int) -> Select[Any]:
     c = audit_events.c
-    q = select(audit_events).where(c.tenant_id == flt.tenant_id, c.seq > after_seq)
+    q = select(audit_events).where(c.tenant_id == flt.tenant_id)
+    if flt.newest_first:
+        q = q.where(c.seq < after_seq) if after_seq else q
+    else:
+        q = q.where(c.seq > after_seq)
     if flt.kinds:
         q = q.where(c.kind.in_(sorted(int(k) for k in flt.kinds)))
     if flt.collection:
@@ -245,7 +251,7 @@ def _select(flt: EventFilter, after_seq: int) -> Select[Any]:
         q = q.where(c.occurred_at >= flt.since)
     if flt.until is not None:
         q = q.where(c.occurred_at < flt.until)
-    return q.order_by(c.seq)
+    return q.order_by(c.seq.desc() if flt.newest_first else c.seq)
 
 
 def _row(ev: AuditEvent, recorded_at: int) -> dict[str, Any]:

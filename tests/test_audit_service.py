@@ -665,6 +665,28 @@ def test_pages_cover_every_event_exactly_once_oldest_first(audit: AuditEnv) -> N
     assert pages == 5
 
 
+def test_pages_newest_first_cover_every_event_exactly_once_newest_first(audit: AuditEnv) -> None:
+    ids = [f"p{i:02}" for i in range(13)]
+    for i, eid in enumerate(ids):
+        audit.record(ev(eid), ev(f"g{i}", tenant=GLOBEX), ev(f"w{i}", kind=WARN))
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = audit.query(kinds=[LWW], page_size=5, page_token=token, newest_first=True)
+        seen.extend(e.event_id for e in page.events)
+        if len(seen) == 5:
+            audit.record(ev("late"))  # newer than the listing's start: not in it
+        if not page.next_page_token:
+            break
+        token = page.next_page_token
+    assert seen == list(reversed(ids))
+    # A newest-first token does not continue an oldest-first listing.
+    first = audit.query(kinds=[LWW], page_size=5, newest_first=True)
+    with pytest.raises(grpc.RpcError) as err:
+        audit.query(kinds=[LWW], page_token=first.next_page_token)
+    assert rpc_reason(err.value) == "INVALID_PAGE_TOKEN"
+
+
 def test_page_size_defaults_to_100_and_is_capped_at_1000(audit: AuditEnv) -> None:
     audit.record(*[ev(f"e{i:04}") for i in range(1005)])
     assert len(audit.query().events) == 100
