@@ -15,8 +15,8 @@ Per field the mutation writes (policy in the schema):
                                           yes, = yours  -> nothing to do
                                           yes, other    -> merge: conflict (theirs kept)
                                                            lww:   yours, overwrite recorded
-                                                           text:  conflict (character
-                                                                  merge: separate issue)
+                                                           text:  character merge of both
+                                                                  edits; conflict if they overlap
 
 A field changed since base only by the same client is not "another writer"
 (a client queues several edits to one record on the base it last saw).
@@ -30,6 +30,7 @@ from enum import IntEnum
 
 from fieldsync.values import Fields, FieldValue, same
 from sync_service.schema import Policy
+from sync_service.textmerge import merge_text
 
 DELETED = "_deleted"
 """The pseudo-field for a record's existence; schema field names cannot start with '_'."""
@@ -342,8 +343,14 @@ def _decide_write(
         if policy is Policy.LWW:
             updates[name] = yours
             overwrites.append(Overwrite(name, theirs, yours, hist.writer(name).mutation_id))
-        else:
-            collisions.append(FieldCollision(name, hist.base(name), yours, theirs))
+            continue
+        if policy is Policy.TEXT:
+            merged = _merge_text(hist, name, yours, theirs)
+            if merged is not None:
+                if not same(merged, theirs):
+                    updates[name] = merged
+                continue
+        collisions.append(FieldCollision(name, hist.base(name), yours, theirs))
 
     if collisions:
         created_by_other = hist.base_version == 0 and hist.other_change(DELETED) is not None
@@ -357,6 +364,22 @@ def _decide_write(
             duplicates=duplicates,
         )
     return Decision(_outcome(hist), updates, overwrites=overwrites, duplicates=duplicates)
+
+
+def _merge_text(hist: _History, name: str, yours: FieldValue, theirs: FieldValue) -> str | None:
+    """Both sides' edits of a text field, merged character by character; None: they overlap.
+
+    Only with a known base: after pruned history the base is unknown, and a
+    guessed one could drop an edit, so that stays a conflict.
+    """
+    base = hist.base(name)
+    if base is None and hist.complete:
+        base = ""  # the field did not exist at the base: both sides inserted text
+    if not (isinstance(base, str) and isinstance(yours, str) and isinstance(theirs, str)):
+        return None
+    if not hist.complete:
+        return None
+    return merge_text(base, yours, theirs)
 
 
 def _outcome(hist: _History) -> Outcome:

@@ -223,17 +223,30 @@ def test_a_field_changed_to_another_value_under_lww_takes_yours_and_records_the_
     )
 
 
-def test_a_field_changed_to_another_value_under_text_is_a_conflict_for_now() -> None:
-    # The three-way character merge is a separate issue: until then, a conflict.
+def test_a_text_field_edited_on_both_sides_merges_character_by_character() -> None:
     log = task()
     log.write("bob", {"title": "draft, bob"})
     d = run(log, {"title": "mine, draft"}, base=1, policies={"title": TEXT})
+    assert d == expect(Outcome.MERGED, {"title": "mine, draft, bob"})
+
+
+def test_overlapping_text_edits_are_a_conflict_with_all_three_texts() -> None:
+    log = task(title="The quick fox")
+    log.write("bob", {"title": "The slow fox"})
+    d = run(log, {"title": "The fast fox"}, base=1, policies={"title": TEXT})
     assert d == expect(
         Outcome.CONFLICT,
         {},
         conflict_kind=ConflictKind.FIELDS,
-        collisions=[FieldCollision("title", "draft", "mine, draft", "draft, bob")],
+        collisions=[FieldCollision("title", "The quick fox", "The fast fox", "The slow fox")],
     )
+
+
+def test_text_after_pruned_history_is_a_conflict_not_a_guess() -> None:
+    log = task()
+    log.write("bob", {"title": "draft, bob"})
+    d = run(log, {"title": "mine, draft"}, base=1, floor=2, policies={"title": TEXT})
+    assert d.outcome is Outcome.CONFLICT
 
 
 def test_a_field_another_writer_changed_and_changed_back_takes_yours() -> None:
