@@ -298,7 +298,9 @@ def test_service_instances_starting_together_all_migrate(
         for p in procs:
             _, err = p.communicate(timeout=60)
             if p.returncode:
-                failures.append(err.strip().splitlines()[-1:])
+                # The error itself, not just SQLAlchemy's closing "background" line.
+                lines = err.strip().splitlines()
+                failures.append([ln for ln in lines if "Error" in ln][-3:] or lines[-3:])
     finally:
         for p in procs:
             if p.poll() is None:

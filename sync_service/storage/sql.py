@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,9 +81,9 @@ def _sqlite_engine(url: str, *, write: bool, synchronous: str) -> Engine:
         # We issue BEGIN ourselves (the driver's implicit BEGIN is deferred).
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute("PRAGMA busy_timeout=60000")
+        _enable_wal(cur)
+        cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -89,6 +91,25 @@ def _sqlite_engine(url: str, *, write: bool, synchronous: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
+
+
+def _enable_wal(cur: Any) -> None:
+    """Switch the file to WAL (persistent, so a no-op after the first time).
+
+    The switch needs the file to itself and can answer "database is locked"
+    at once, without waiting on the busy timeout, while another process is
+    creating or migrating a new file: retry it for a while instead of failing
+    a service start.
+    """
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 class SqlStorage:
