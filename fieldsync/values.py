@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
@@ -174,7 +175,7 @@ def decode(j: Any) -> FieldValue:
     raise ValueError(f"not a stored value: {j!r}")
 
 
-def encode_fields(fields: Fields) -> dict[str, Any]:
+def encode_fields(fields: Mapping[str, FieldValue]) -> dict[str, Any]:
     return {k: encode(v) for k, v in fields.items()}
 
 

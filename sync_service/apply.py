@@ -68,6 +68,7 @@ class _CollectionRules:
     spec: CollectionSpec
     policies: Mapping[str, Policy]
     state_fields: frozenset[str]
+    all_lww: bool
 
 
 def _rules(schema: Schema) -> dict[str, _CollectionRules]:
@@ -76,6 +77,7 @@ def _rules(schema: Schema) -> dict[str, _CollectionRules]:
             spec,
             {f.name: f.policy for f in spec.fields.values()},
             frozenset(f.name for f in spec.fields.values() if f.state),
+            spec.all_lww,
         )
         for name, spec in schema.collections.items()
     }
@@ -384,7 +386,7 @@ class _BatchRun:
             changes=changes,
             policies=rules.policies,
             state_fields=rules.state_fields,
-            all_lww=spec.all_lww,
+            all_lww=rules.all_lww,
         )
         rec = self._stage_record(m, rec, decision)
         outcome = MutationOutcome(m.mutation_id, m.client_seq, Status(int(decision.outcome)))
@@ -446,14 +448,18 @@ class _BatchRun:
                 fields.pop(name, None)
             else:
                 fields[name] = value
-        new = replace(
-            rec,
-            version=version,
-            deleted=deleted,
-            fields=fields,
-            field_versions=field_versions,
-            updated_at=self.now,
-            updated_by=self.principal.sub,
+        new = StoredRecord(
+            rec.tenant_id,
+            rec.collection,
+            rec.record_id,
+            version,
+            deleted,
+            fields,
+            field_versions,
+            rec.history_floor,
+            self.now,
+            self.principal.sub,
+            rec.exists,
         )
         key = (m.collection, m.record_id)
         self.records[key] = new

@@ -162,6 +162,8 @@ class _History:
 
     def other_change(self, name: str) -> Change | None:
         """The latest change to `name` since base by another client, if any."""
+        if not self.changes and self.complete:
+            return None  # the common case: nothing happened since the client's base
         for ch in reversed(self.changes):
             if name in ch.old and ch.client_id != self.client_id:
                 return ch

@@ -20,6 +20,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,62 @@ def normalize_url(url: str) -> str:
     return u.render_as_string(hide_password=False)
 
 
+# One encoder for every row: json.dumps with options builds a new one per call.
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return _encode_json(obj)
+
+
+# The write path's bulk statements, run through the driver's executemany with
+# positional rows: SQLAlchemy Core's per-row parameter processing was the
+# largest single cost of a batch. Column lists are spelled out, so a column
+# added later with a server default needs no change here.
+_RECORD_COLUMNS = (
+    "version",
+    "deleted",
+    "fields",
+    "field_versions",
+    "history_floor",
+    "updated_at",
+    "updated_by",
+    "feed_seq",
+)
+_KEY_COLUMNS = ("tenant_id", "collection", "record_id")
+
+
+@dataclass(frozen=True)
+class _BulkSql:
+    insert_record: str
+    update_record: str
+    insert_history: str
+    insert_result: str
+    insert_event: str
+
+    @classmethod
+    def for_paramstyle(cls, paramstyle: str) -> _BulkSql:
+        ph = "?" if paramstyle == "qmark" else "%s"
+
+        def insert(table: str, columns: Sequence[str]) -> str:
+            marks = ", ".join([ph] * len(columns))
+            return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
+
+        sets = ", ".join(f"{c} = {ph}" for c in _RECORD_COLUMNS)
+        keys = " AND ".join(f"{c} = {ph}" for c in _KEY_COLUMNS)
+        return cls(
+            insert_record=insert("records", (*_KEY_COLUMNS, *_RECORD_COLUMNS)),
+            update_record=f"UPDATE records SET {sets} WHERE {keys}",
+            insert_history=insert(
+                "record_history",
+                (*_KEY_COLUMNS, "version", "client_id", "mutation_id", "old", "committed_at"),
+            ),
+            insert_result=insert(
+                "mutation_results",
+                ("client_id", "client_seq", "tenant_id", "mutation_id", "result"),
+            ),
+            insert_event=insert("outbox", ("event_id", "tenant_id", "payload", "created_at")),
+        )
 
 
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -128,6 +183,7 @@ class SqlStorage:
             self._read = self._write
         else:
             raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
+        self._bulk_sql = _BulkSql.for_paramstyle(self._write.dialect.paramstyle)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -159,7 +215,7 @@ class SqlStorage:
         with self._write.begin() as conn:
             if self.dialect == "postgresql":
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
-            yield SqlWriteTx(conn)
+            yield SqlWriteTx(conn, self._bulk_sql)
 
     # -- reads ----------------------------------------------------------------
 
@@ -266,8 +322,9 @@ class SqlStorage:
 class SqlWriteTx:
     """The reads and the write of one batch, on one connection in one transaction."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, sql: _BulkSql) -> None:
         self._conn = conn
+        self._sql = sql
 
     def get_client(self, client_id: str) -> ClientRow | None:
         return _get_client(self._conn, client_id)
@@ -323,58 +380,45 @@ class SqlWriteTx:
 
     def write(self, batch: BatchWrite) -> None:
         conn = self._conn
+        sql = self._sql
         if batch.records:
             head = conn.execute(select(func.coalesce(func.max(records.c.feed_seq), 0))).scalar_one()
-            new_rows: list[dict[str, Any]] = []
-            old_rows: list[dict[str, Any]] = []
-            for i, rec in enumerate(batch.records, start=1):
-                row = _record_row(rec, head + i)
-                (old_rows if rec.exists else new_rows).append(row)
-            if new_rows:
-                conn.execute(records.insert(), new_rows)
-            if old_rows:
-                c = records.c
-                conn.execute(
-                    records.update()
-                    .where(
-                        c.tenant_id == bindparam("b_tenant_id"),
-                        c.collection == bindparam("b_collection"),
-                        c.record_id == bindparam("b_record_id"),
-                    )
-                    .values(
-                        version=bindparam("version"),
-                        deleted=bindparam("deleted"),
-                        fields=bindparam("fields"),
-                        field_versions=bindparam("field_versions"),
-                        history_floor=bindparam("history_floor"),
-                        updated_at=bindparam("updated_at"),
-                        updated_by=bindparam("updated_by"),
-                        feed_seq=bindparam("feed_seq"),
-                    ),
-                    [
-                        {
-                            **r,
-                            "b_tenant_id": r["tenant_id"],
-                            "b_collection": r["collection"],
-                            "b_record_id": r["record_id"],
-                        }
-                        for r in old_rows
-                    ],
+            new_rows: list[tuple[Any, ...]] = []
+            old_rows: list[tuple[Any, ...]] = []
+            for i, rec in enumerate(batch.records, start=head + 1):
+                values = (
+                    rec.version,
+                    rec.deleted,
+                    _dumps(encode_fields(rec.fields)),
+                    _dumps(rec.field_versions),
+                    rec.history_floor,
+                    rec.updated_at,
+                    rec.updated_by,
+                    i,
                 )
+                key = (rec.tenant_id, rec.collection, rec.record_id)
+                if rec.exists:
+                    old_rows.append((*values, *key))
+                else:
+                    new_rows.append((*key, *values))
+            if new_rows:
+                conn.exec_driver_sql(sql.insert_record, new_rows)
+            if old_rows:
+                conn.exec_driver_sql(sql.update_record, old_rows)
         if batch.history:
-            conn.execute(
-                record_history.insert(),
+            conn.exec_driver_sql(
+                sql.insert_history,
                 [
-                    {
-                        "tenant_id": h.tenant_id,
-                        "collection": h.collection,
-                        "record_id": h.record_id,
-                        "version": h.version,
-                        "client_id": h.client_id,
-                        "mutation_id": h.mutation_id,
-                        "old": _dumps(encode_fields(dict(h.old))),
-                        "committed_at": h.committed_at,
-                    }
+                    (
+                        h.tenant_id,
+                        h.collection,
+                        h.record_id,
+                        h.version,
+                        h.client_id,
+                        h.mutation_id,
+                        _dumps(encode_fields(h.old)),
+                        h.committed_at,
+                    )
                     for h in batch.history
                 ],
             )
@@ -403,31 +447,17 @@ class SqlWriteTx:
                 ],
             )
         if batch.results:
-            conn.execute(
-                mutation_results.insert(),
+            conn.exec_driver_sql(
+                sql.insert_result,
                 [
-                    {
-                        "client_id": r.client_id,
-                        "client_seq": r.client_seq,
-                        "tenant_id": r.tenant_id,
-                        "mutation_id": r.mutation_id,
-                        "result": _dumps(r.payload),
-                    }
+                    (r.client_id, r.client_seq, r.tenant_id, r.mutation_id, _dumps(r.payload))
                     for r in batch.results
                 ],
             )
         if batch.events:
-            conn.execute(
-                outbox.insert(),
-                [
-                    {
-                        "event_id": e.event_id,
-                        "tenant_id": e.tenant_id,
-                        "payload": _dumps(e.payload),
-                        "created_at": e.created_at,
-                    }
-                    for e in batch.events
-                ],
+            conn.exec_driver_sql(
+                sql.insert_event,
+                [(e.event_id, e.tenant_id, _dumps(e.payload), e.created_at) for e in batch.events],
             )
         if batch.client is not None:
             cl = batch.client
@@ -488,22 +518,6 @@ def _record_from_row(row: Any) -> StoredRecord:
         updated_by=row.updated_by,
         exists=True,
     )
-
-
-def _record_row(rec: StoredRecord, feed_seq: int) -> dict[str, Any]:
-    return {
-        "tenant_id": rec.tenant_id,
-        "collection": rec.collection,
-        "record_id": rec.record_id,
-        "version": rec.version,
-        "deleted": rec.deleted,
-        "fields": _dumps(encode_fields(rec.fields)),
-        "field_versions": _dumps(rec.field_versions),
-        "history_floor": rec.history_floor,
-        "updated_at": rec.updated_at,
-        "updated_by": rec.updated_by,
-        "feed_seq": feed_seq,
-    }
 
 
 def _conflict_row(c: StoredConflict) -> dict[str, Any]:
