@@ -28,9 +28,8 @@ from typing import Any, Protocol
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, Select, create_engine, event, func, select
+from sqlalchemy import Connection, Select, func, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
 
 from audit_service.model import (
     AuditEvent,
@@ -41,15 +40,14 @@ from audit_service.model import (
     StoredEvent,
 )
 from audit_service.tables import audit_events
+from fieldsync.db import chunks, dumps, normalize_url, open_engines
 from fieldsync.values import decode_fields, encode_fields
-from sync_service.storage import normalize_url
 
 __all__ = ["MIGRATIONS", "AuditStorage", "SqlAuditStorage"]
 
 log = logging.getLogger("fieldsync.audit.storage")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-_CHUNK = 500  # bound parameters per IN list
 _PRUNE_CHUNK = 5_000  # rows deleted per transaction, so prune never holds the lock for long
 _PG_WRITE_LOCK = 0x46_53_41_55  # "FSAU": the advisory lock id of audit writes
 
@@ -81,51 +79,14 @@ class AuditStorage(Protocol):
         ...
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-
-
-def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
-    for i in range(0, len(items), _CHUNK):
-        yield items[i : i + _CHUNK]
-
-
-def _sqlite_engine(url: str, *, write: bool, synchronous: str) -> Engine:
-    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # We issue BEGIN ourselves (the driver's implicit BEGIN is deferred).
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute(f"PRAGMA synchronous={synchronous}")
-        cur.execute("PRAGMA busy_timeout=60000")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
-
-    return engine
-
-
 class SqlAuditStorage:
     """AuditStorage on one SQLAlchemy URL (sqlite:///path or postgresql://...)."""
 
     def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 5) -> None:
         self.url = normalize_url(url)
-        self.dialect = make_url(self.url).get_backend_name()
-        if self.dialect == "sqlite":
-            self._write = _sqlite_engine(self.url, write=True, synchronous=sqlite_synchronous)
-            self._read = _sqlite_engine(self.url, write=False, synchronous=sqlite_synchronous)
-        elif self.dialect == "postgresql":
-            self._write = create_engine(
-                self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
-            )
-            self._read = self._write
-        else:
-            raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
+        self.dialect, self._write, self._read = open_engines(
+            url, sqlite_synchronous=sqlite_synchronous, pool_size=pool_size
+        )
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -168,7 +129,7 @@ class SqlAuditStorage:
         c = audit_events.c
         with self._write_transaction() as conn:
             stored: set[str] = set()
-            for chunk in _chunks(list(unique)):
+            for chunk in chunks(list(unique)):
                 stored.update(
                     conn.execute(select(c.event_id).where(c.event_id.in_(chunk))).scalars()
                 )
@@ -270,7 +231,7 @@ def _row(ev: AuditEvent, recorded_at: int) -> dict[str, Any]:
         "recorded_at": recorded_at,
         "client_schema_version": ev.client_schema_version,
         "message": ev.message,
-        "details": _dumps(encode_fields(ev.details)),
+        "details": dumps(encode_fields(ev.details)),
     }
 
 

@@ -24,7 +24,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from sync_service.storage import normalize_url
+from fieldsync.db import normalize_url
 
 PG_URL_ENV = "FIELDSYNC_TEST_PG_URL"
 PG_SKIP_REASON = (

@@ -48,9 +48,10 @@ from audit_service.server import SERVICE_NAME, AuditApp
 from audit_service.storage import MIGRATIONS, SqlAuditStorage
 from audit_service.tables import VERSION_TABLE, metadata
 from fieldsync.auth import AuthConfig, mint_token
+from fieldsync.db import normalize_url
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 from fieldsync.values import FieldValue, Json, Timestamp, fields_from_proto, same, to_proto
-from sync_service.storage import SqlStorage, normalize_url
+from sync_service.storage import SqlStorage
 from tests import pg
 from tests.grpc_harness import serve_in_thread
 from tests.proc import fast_reconnect_channel, free_port

@@ -32,9 +32,10 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
+from fieldsync.db import normalize_url
 from fieldsync.values import FieldValue, Json, Timestamp
 from sync_service.merge import Change
-from sync_service.storage import SqlStorage, Storage, normalize_url
+from sync_service.storage import SqlStorage, Storage
 from sync_service.storage.base import (
     BatchWrite,
     ClientRow,

@@ -1,6 +1,6 @@
 """Storage of the sync service: the interface (base) and its SQL implementation."""
 
 from sync_service.storage.base import Storage, WriteTx
-from sync_service.storage.sql import SqlStorage, normalize_url
+from sync_service.storage.sql import SqlStorage
 
-__all__ = ["SqlStorage", "Storage", "WriteTx", "normalize_url"]
+__all__ = ["SqlStorage", "Storage", "WriteTx"]

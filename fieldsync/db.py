@@ -1,0 +1,99 @@
+"""Database engines shared by the sync and audit services.
+
+`open_engines(url)` gives a (dialect, write engine, read engine) triple:
+- SQLite: WAL mode, a 60 s busy timeout, and write transactions that start
+  with BEGIN IMMEDIATE, so concurrent writers wait for the write lock instead
+  of failing halfway; readers start a plain BEGIN and are never blocked.
+- PostgreSQL (a plain postgresql:// URL gets psycopg 3): one pooled engine;
+  each service takes its own advisory locks where it needs ordering.
+Nothing here knows any table.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+_T = TypeVar("_T")
+
+CHUNK = 500
+"""Bound parameters per IN list."""
+
+# One encoder for every row: json.dumps with options builds a new one per call.
+dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def chunks(items: Sequence[_T], size: int = CHUNK) -> Iterator[Sequence[_T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def normalize_url(url: str) -> str:
+    """A plain postgresql:// URL gets the driver the services ship with (psycopg 3)."""
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u.render_as_string(hide_password=False)
+
+
+def _enable_wal(cur: Any) -> None:
+    """Switch the file to WAL (persistent, so a no-op after the first time).
+
+    The switch needs the file to itself and can answer "database is locked"
+    at once, without waiting on the busy timeout, while another process is
+    creating or migrating a new file: retry it for a while instead of failing
+    a service start.
+    """
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def sqlite_engine(url: str, *, write: bool, synchronous: str) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # We issue BEGIN ourselves (the driver's implicit BEGIN is deferred).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA busy_timeout=60000")
+        _enable_wal(cur)
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+def open_engines(
+    url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 5
+) -> tuple[str, Engine, Engine]:
+    """(dialect name, write engine, read engine) for a SQLAlchemy URL."""
+    url = normalize_url(url)
+    dialect = make_url(url).get_backend_name()
+    if dialect == "sqlite":
+        return (
+            dialect,
+            sqlite_engine(url, write=True, synchronous=sqlite_synchronous),
+            sqlite_engine(url, write=False, synchronous=sqlite_synchronous),
+        )
+    if dialect == "postgresql":
+        engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        return dialect, engine, engine
+    raise ValueError(f"unsupported database {dialect!r}: use sqlite or postgresql")
