@@ -21,8 +21,8 @@ import grpc
 from grpc_status import rpc_status
 
 from audit_service.config import ENV_RETENTION_DAYS, AuditConfig
-from audit_service.model import EventKind
 from audit_service.storage import SqlAuditStorage
+from fieldsync.audit_kinds import EventKind
 from fieldsync.errors import reason_of
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 from fieldsync.values import Timestamp, fields_from_proto, to_display

@@ -19,9 +19,9 @@ from audit_service.model import (
     MIN_NANOS,
     AuditEvent,
     EventFilter,
-    EventKind,
     StoredEvent,
 )
+from fieldsync.audit_kinds import EventKind
 from fieldsync.errors import InvalidArgument, Reason
 from fieldsync.v1 import audit_pb2
 from fieldsync.values import fields_from_proto, fields_to_proto

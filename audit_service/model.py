@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from enum import IntEnum
 
+from fieldsync.audit_kinds import EventKind
 from fieldsync.values import Fields
 
 # Bounds of an int64 in nanoseconds (years 1677 to 2262): what the BIGINT
@@ -34,17 +34,6 @@ MAX_LENGTHS: dict[str, int] = {
     "client_id": 200,
     "actor": 500,
 }
-
-
-class EventKind(IntEnum):
-    """SPEC §7's kinds; the values are the wire AuditEventKind's."""
-
-    VALIDATION_WARNING = 1
-    DUPLICATE_TRANSITION = 2
-    CONFLICT_SURFACED = 3
-    CONFLICT_RESOLVED = 4
-    LWW_OVERWRITE = 5
-    MUTATION_REJECTED = 6
 
 
 @dataclass(frozen=True)

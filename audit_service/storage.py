@@ -34,12 +34,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from audit_service.model import (
     AuditEvent,
     EventFilter,
-    EventKind,
     EventPage,
     RecordOutcome,
     StoredEvent,
 )
 from audit_service.tables import audit_events
+from fieldsync.audit_kinds import EventKind
 from fieldsync.db import chunks, dumps, normalize_url, open_engines
 from fieldsync.values import decode_fields, encode_fields
 

@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
 
-from audit_service.model import EventKind, StoredEvent
+from audit_service.model import StoredEvent
 from audit_service.storage import AuditStorage
+from fieldsync.audit_kinds import EventKind
 from fieldsync.errors import Reason, Unavailable
 
 __all__ = ["CommitSignal", "follow"]

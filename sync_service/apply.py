@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fieldsync.audit_kinds import EventKind
 from fieldsync.auth import Principal
 from fieldsync.errors import (
     Aborted,
@@ -36,7 +37,7 @@ from fieldsync.errors import (
 )
 from fieldsync.values import Fields, FieldValue
 from sync_service.decode import Repair, WarningCode, apply_defaults, decode_fields
-from sync_service.events import EventKind, make_event
+from sync_service.events import make_event
 from sync_service.merge import DELETED, Change, Decision, Op, RecordState, decide
 from sync_service.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome, Status
 from sync_service.schema import CollectionSpec, Policy, Schema

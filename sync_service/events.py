@@ -8,21 +8,10 @@ transaction as the change it describes; the relay turns it into the proto.
 from __future__ import annotations
 
 import uuid
-from enum import IntEnum
 
+from fieldsync.audit_kinds import EventKind
 from fieldsync.values import Fields, encode_fields
 from sync_service.storage.base import OutboxEvent
-
-
-class EventKind(IntEnum):
-    """Matches the wire AuditEventKind."""
-
-    VALIDATION_WARNING = 1
-    DUPLICATE_TRANSITION = 2
-    CONFLICT_SURFACED = 3
-    CONFLICT_RESOLVED = 4
-    LWW_OVERWRITE = 5
-    MUTATION_REJECTED = 6
 
 
 def make_event(

@@ -43,10 +43,11 @@ import audit_service.commands
 import audit_service.storage
 from audit_service.__main__ import main as audit_main
 from audit_service.config import AuditConfig
-from audit_service.model import AuditEvent, EventFilter, EventKind
+from audit_service.model import AuditEvent, EventFilter
 from audit_service.server import SERVICE_NAME, AuditApp
 from audit_service.storage import MIGRATIONS, SqlAuditStorage
 from audit_service.tables import VERSION_TABLE, metadata
+from fieldsync.audit_kinds import EventKind
 from fieldsync.auth import AuthConfig, mint_token
 from fieldsync.db import normalize_url
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
