@@ -70,7 +70,11 @@ Press Ctrl-C to stop both services.
 """,
             flush=True,
         )
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        while all(proc.poll() is None for proc, _ in procs.values()):
+            time.sleep(0.5)
+        for name, (proc, _) in procs.items():
+            if proc.returncode:  # not a Ctrl-C the services heard themselves
+                print(f"{name} exited with code {proc.returncode}", file=sys.stderr)
     except KeyboardInterrupt:
         pass
     finally:
@@ -85,6 +89,12 @@ Press Ctrl-C to stop both services.
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    # SIGTERM stops both services like Ctrl-C does. (No signal is blocked: a
+    # blocked mask is inherited by the services, which then never hear theirs.)
+    signal.signal(signal.SIGTERM, _interrupt)
     sys.exit(main())
