@@ -145,6 +145,19 @@ class AuditRelay:
         self._healthy: bool | None = None
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            # What the audit service answered over this relay's life: "duplicates"
+            # are events it already had (a resend after a lost acknowledgement).
+            log.info(
+                "audit relay stopped: delivered %d, duplicates %d, failures %d",
+                self.stats.delivered,
+                self.stats.duplicates,
+                self.stats.failures,
+            )
+
+    async def _run(self) -> None:
         backoff = self._min_backoff
         last_report = 0.0
         async with grpc.aio.insecure_channel(self._addr) as channel:

@@ -29,6 +29,7 @@ from sync_service.relay import HEALTH_NAME as RELAY_HEALTH_NAME
 from sync_service.relay import AuditRelay, ServiceToken
 from sync_service.schema import load_schema
 from sync_service.servicer import SyncServicer
+from sync_service.storage.pg_notify import FeedListener
 from sync_service.storage.sql import SqlStorage
 
 log = logging.getLogger("fieldsync.sync")
@@ -46,6 +47,7 @@ class SyncApp:
     servicer: SyncServicer | None = None
     notifier: ChangeNotifier | None = None
     relay_task: asyncio.Task[None] | None = None
+    feed_listener: FeedListener | None = None
 
     @classmethod
     def from_config(cls, config: SyncConfig) -> SyncApp:
@@ -82,6 +84,12 @@ class SyncApp:
             subscribe_poll_seconds=self.config.subscribe_poll_seconds,
         )
         sync_pb2_grpc.add_SyncServiceServicer_to_server(servicer, server)
+        if self.storage.dialect == "postgresql":
+            # Commits of other instances wake this one's Subscribe streams at once.
+            self.feed_listener = FeedListener(
+                self.storage.url, asyncio.get_running_loop(), self.notifier.notify
+            )
+            self.feed_listener.start()
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -120,6 +128,14 @@ class SyncApp:
         )
         await self.relay.run()
 
+    async def wait_feed_listener(self, timeout: float = 10.0) -> None:
+        """Wait until the LISTEN is in place (if there is one), so that a service
+        reporting SERVING already hears other instances' commits."""
+        if self.feed_listener is not None and not await asyncio.to_thread(
+            self.feed_listener.wait_ready, timeout
+        ):
+            log.warning("no LISTEN connection after %.0fs; Subscribe polls until it is up", timeout)
+
     def begin_shutdown(self) -> None:
         """Stop waking and end the streams that never finish on their own (Subscribe)."""
         if self.servicer is not None:
@@ -134,6 +150,8 @@ class SyncApp:
                 await self.relay_task
 
     def close(self) -> None:
+        if self.feed_listener is not None:
+            self.feed_listener.stop()
         self.storage.close()
 
 
@@ -150,6 +168,7 @@ async def serve(config: SyncConfig) -> None:
     if port == 0:
         raise SystemExit(f"cannot listen on {config.addr}")
     await server.start()
+    await app.wait_feed_listener()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = config.addr.rsplit(":", 1)[0]

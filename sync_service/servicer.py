@@ -40,6 +40,13 @@ MAX_PULL_PAGE = 5000
 MAX_CONFLICT_PAGE = 1000
 MAX_GET_RECORDS = 1000
 
+# Write transactions are serialized by the database (one write lock), so more
+# than a couple in flight per process only adds waiters, and a waiter holds a
+# worker thread and a pooled connection: with every worker thread blocked on
+# the lock, this instance's reads (Pull, GetRecords, Subscribe) would queue
+# behind the writes. Further writes wait here instead, on the event loop.
+MAX_WRITES_IN_FLIGHT = 2
+
 
 class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
     def __init__(
@@ -57,6 +64,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         self._page = pull_page_size
         self._poll = subscribe_poll_seconds
         self._stopping = asyncio.Event()
+        self._writes = asyncio.Semaphore(MAX_WRITES_IN_FLIGHT)
 
     def begin_shutdown(self) -> None:
         """End the open Subscribe streams: they never finish on their own."""
@@ -67,7 +75,8 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
     ) -> sync_pb2.ApplyBatchResponse:
         principal = current_principal()
         batch = batch_from_proto(request.batch)
-        outcome = await asyncio.to_thread(self._applier.apply_batch, principal, batch)
+        async with self._writes:
+            outcome = await asyncio.to_thread(self._applier.apply_batch, principal, batch)
         self._notifier.notify()
         return sync_pb2.ApplyBatchResponse(result=batch_outcome_to_proto(outcome))
 
@@ -112,7 +121,8 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
             batch = BatchIn(
                 client_id, batch.schema_version or first.hello.schema_version, batch.mutations
             )
-            outcome = await asyncio.to_thread(self._applier.apply_batch, principal, batch)
+            async with self._writes:
+                outcome = await asyncio.to_thread(self._applier.apply_batch, principal, batch)
             self._notifier.notify()
             yield sync_pb2.SyncResponse(result=batch_outcome_to_proto(outcome))
 
@@ -206,13 +216,14 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         self, request: sync_pb2.ResolveConflictRequest, context: Ctx
     ) -> sync_pb2.ResolveConflictResponse:
         principal = current_principal()
-        record = await asyncio.to_thread(
-            self._applier.resolve_conflict,
-            principal,
-            request.conflict_id,
-            int(request.resolution),
-            fields_from_proto(request.fields),
-        )
+        async with self._writes:
+            record = await asyncio.to_thread(
+                self._applier.resolve_conflict,
+                principal,
+                request.conflict_id,
+                int(request.resolution),
+                fields_from_proto(request.fields),
+            )
         self._notifier.notify()
         out = sync_pb2.ResolveConflictResponse()
         if record.version:

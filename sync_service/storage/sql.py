@@ -6,7 +6,12 @@ SQLite starts it with BEGIN IMMEDIATE (WAL mode, readers never blocked);
 PostgreSQL takes a transaction-scoped advisory lock. Holding that lock while
 the next feed positions are handed out means transactions commit in feed
 order, so a reader asking for `feed_seq > cursor` never skips a late
-committer.
+committer. On PostgreSQL a write that moves the feed also sends a NOTIFY so
+other instances' Subscribe streams wake at once (storage/pg_notify.py).
+
+The outbox is shared by the relays of every instance: a fetch claims its rows
+for a lease (FOR UPDATE SKIP LOCKED on PostgreSQL), so no two relays send the
+same event at once and a crashed relay's claims expire.
 
 Queries are set-based: one read of all the records of a batch (per
 collection), one of their history, and executemany writes.
@@ -16,8 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,9 +31,20 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, and_, bindparam, create_engine, event, func, select
-from sqlalchemy.engine import make_url
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    and_,
+    bindparam,
+    cast,
+    extract,
+    func,
+    literal,
+    or_,
+    select,
+)
 
+from fieldsync.db import chunks, dumps, normalize_url, open_engines
 from fieldsync.values import decode, decode_fields, encode, encode_fields
 from sync_service.merge import Change
 from sync_service.storage.base import (
@@ -41,6 +57,7 @@ from sync_service.storage.base import (
     StoredRecord,
     StoredResult,
 )
+from sync_service.storage.pg_notify import notify_feed
 from sync_service.storage.tables import (
     clients,
     conflicts,
@@ -53,24 +70,7 @@ from sync_service.storage.tables import (
 log = logging.getLogger("fieldsync.storage")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-_CHUNK = 500  # bound parameters per IN list
 _PG_WRITE_LOCK = 0x46_53_59_4E  # "FSYN": the advisory lock id of sync writes
-
-
-def normalize_url(url: str) -> str:
-    """A plain postgresql:// URL gets the driver the service ships with (psycopg 3)."""
-    u = make_url(url)
-    if u.drivername in ("postgresql", "postgres"):
-        u = u.set(drivername="postgresql+psycopg")
-    return u.render_as_string(hide_password=False)
-
-
-# One encoder for every row: json.dumps with options builds a new one per call.
-_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
-def _dumps(obj: Any) -> str:
-    return _encode_json(obj)
 
 
 # The write path's bulk statements, run through the driver's executemany with
@@ -123,66 +123,19 @@ class _BulkSql:
         )
 
 
-def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
-    for i in range(0, len(items), _CHUNK):
-        yield items[i : i + _CHUNK]
-
-
-def _sqlite_engine(url: str, *, write: bool, synchronous: str) -> Engine:
-    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # We issue BEGIN ourselves (the driver's implicit BEGIN is deferred).
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA busy_timeout=60000")
-        _enable_wal(cur)
-        cur.execute(f"PRAGMA synchronous={synchronous}")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
-
-    return engine
-
-
-def _enable_wal(cur: Any) -> None:
-    """Switch the file to WAL (persistent, so a no-op after the first time).
-
-    The switch needs the file to itself and can answer "database is locked"
-    at once, without waiting on the busy timeout, while another process is
-    creating or migrating a new file: retry it for a while instead of failing
-    a service start.
-    """
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            cur.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as err:
-            if "locked" not in str(err) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 class SqlStorage:
     """Storage on one SQLAlchemy URL (sqlite:///path or postgresql://...)."""
 
+    # How long a relay's claim on outbox rows holds: longer than one delivery
+    # (RecordEvents times out after 30 s), so only a crashed relay's claim expires.
+    outbox_lease_seconds = 60.0
+
     def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 5) -> None:
         self.url = normalize_url(url)
-        self.dialect = make_url(self.url).get_backend_name()
-        if self.dialect == "sqlite":
-            self._write = _sqlite_engine(self.url, write=True, synchronous=sqlite_synchronous)
-            self._read = _sqlite_engine(self.url, write=False, synchronous=sqlite_synchronous)
-        elif self.dialect == "postgresql":
-            self._write = create_engine(
-                self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
-            )
-            self._read = self._write
-        else:
-            raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
+        self._owner = uuid.uuid4().hex  # this instance's name on its outbox claims
+        self.dialect, self._write, self._read = open_engines(
+            url, sqlite_synchronous=sqlite_synchronous, pool_size=pool_size
+        )
         self._bulk_sql = _BulkSql.for_paramstyle(self._write.dialect.paramstyle)
 
     # -- lifecycle ------------------------------------------------------------
@@ -215,7 +168,9 @@ class SqlStorage:
         with self._write.begin() as conn:
             if self.dialect == "postgresql":
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
-            yield SqlWriteTx(conn, self._bulk_sql)
+                yield _PgWriteTx(conn, self._bulk_sql)
+            else:
+                yield SqlWriteTx(conn, self._bulk_sql)
 
     # -- reads ----------------------------------------------------------------
 
@@ -291,32 +246,63 @@ class SqlStorage:
         return int(count), oldest
 
     def outbox_fetch(self, limit: int, max_attempts: int) -> list[OutboxEvent]:
+        """Claim the oldest undelivered events for this instance's relay, for a lease.
+
+        Several instances' relays share one outbox: each fetch claims its rows
+        (claimed_by, claimed_until) in a short transaction, on PostgreSQL with
+        FOR UPDATE SKIP LOCKED so two relays never wait for or take the same
+        rows. Rows claimed by another relay are left alone until the lease
+        expires (that relay crashed or hangs); this relay's own claims come
+        back to it at once (it retries a batch the audit service did not take).
+        """
         o = outbox.c
-        q = (
-            select(o.event_id, o.tenant_id, o.payload, o.created_at)
-            .where(o.attempts < max_attempts)
-            .order_by(o.id)
-            .limit(limit)
+        pg = self.dialect == "postgresql"
+        # The database's clock on PostgreSQL, so instances' clocks need not agree.
+        now: Any = _pg_now_ns() if pg else literal(time.time_ns(), BigInteger)
+        claimable = and_(
+            o.attempts < max_attempts,
+            or_(o.claimed_until.is_(None), o.claimed_until < now, o.claimed_by == self._owner),
         )
+        pick = select(o.id).where(claimable).order_by(o.id).limit(limit)
         with self._read.connect() as conn:
-            return [
-                OutboxEvent(r.event_id, r.tenant_id, json.loads(r.payload), r.created_at)
-                for r in conn.execute(q)
-            ]
+            if conn.execute(pick).first() is None:
+                return []  # idle: no write transaction (on SQLite, no write lock)
+        with self._write.begin() as conn:
+            ids = list(conn.execute(pick.with_for_update(skip_locked=True)).scalars())
+            if not ids:
+                return []
+            rows = conn.execute(
+                outbox.update()
+                .where(o.id.in_(ids))
+                .values(
+                    claimed_by=self._owner,
+                    claimed_until=now + int(self.outbox_lease_seconds * 1e9),
+                )
+                .returning(o.id, o.event_id, o.tenant_id, o.payload, o.created_at)
+            ).all()
+        return [
+            OutboxEvent(r.event_id, r.tenant_id, json.loads(r.payload), r.created_at)
+            for r in sorted(rows, key=lambda r: r.id)
+        ]
 
     def outbox_delivered(self, event_ids: Sequence[str]) -> None:
         with self._write.begin() as conn:
-            for chunk in _chunks(list(event_ids)):
+            for chunk in chunks(list(event_ids)):
                 conn.execute(outbox.delete().where(outbox.c.event_id.in_(chunk)))
 
     def outbox_refused(self, event_ids: Sequence[str]) -> None:
         with self._write.begin() as conn:
-            for chunk in _chunks(list(event_ids)):
+            for chunk in chunks(list(event_ids)):
                 conn.execute(
                     outbox.update()
                     .where(outbox.c.event_id.in_(chunk))
-                    .values(attempts=outbox.c.attempts + 1)
+                    .values(attempts=outbox.c.attempts + 1, claimed_by=None, claimed_until=None)
                 )
+
+
+def _pg_now_ns() -> Any:
+    """PostgreSQL's current time in nanoseconds since the epoch (the outbox's time unit)."""
+    return cast(extract("epoch", func.clock_timestamp()) * 1_000_000_000, BigInteger)
 
 
 class SqlWriteTx:
@@ -358,7 +344,7 @@ class SqlWriteTx:
             return out
         h = record_history.c
         floor = min(since.values())
-        for chunk in _chunks(list(since)):
+        for chunk in chunks(list(since)):
             q = (
                 select(h.record_id, h.version, h.client_id, h.mutation_id, h.old)
                 .where(
@@ -389,8 +375,8 @@ class SqlWriteTx:
                 values = (
                     rec.version,
                     rec.deleted,
-                    _dumps(encode_fields(rec.fields)),
-                    _dumps(rec.field_versions),
+                    dumps(encode_fields(rec.fields)),
+                    dumps(rec.field_versions),
                     rec.history_floor,
                     rec.updated_at,
                     rec.updated_by,
@@ -416,7 +402,7 @@ class SqlWriteTx:
                         h.version,
                         h.client_id,
                         h.mutation_id,
-                        _dumps(encode_fields(h.old)),
+                        dumps(encode_fields(h.old)),
                         h.committed_at,
                     )
                     for h in batch.history
@@ -450,14 +436,14 @@ class SqlWriteTx:
             conn.exec_driver_sql(
                 sql.insert_result,
                 [
-                    (r.client_id, r.client_seq, r.tenant_id, r.mutation_id, _dumps(r.payload))
+                    (r.client_id, r.client_seq, r.tenant_id, r.mutation_id, dumps(r.payload))
                     for r in batch.results
                 ],
             )
         if batch.events:
             conn.exec_driver_sql(
                 sql.insert_event,
-                [(e.event_id, e.tenant_id, _dumps(e.payload), e.created_at) for e in batch.events],
+                [(e.event_id, e.tenant_id, dumps(e.payload), e.created_at) for e in batch.events],
             )
         if batch.client is not None:
             cl = batch.client
@@ -478,6 +464,16 @@ class SqlWriteTx:
                 )
 
 
+class _PgWriteTx(SqlWriteTx):
+    """On PostgreSQL, a write that moves the feed also wakes the other instances'
+    Subscribe streams (pg_notify: delivered at commit, dropped on rollback)."""
+
+    def write(self, batch: BatchWrite) -> None:
+        super().write(batch)
+        if batch.records:
+            notify_feed(self._conn, {r.tenant_id for r in batch.records})
+
+
 # -- row mapping ---------------------------------------------------------------
 
 
@@ -493,7 +489,7 @@ def _load_records(
 ) -> dict[str, StoredRecord]:
     out: dict[str, StoredRecord] = {}
     ids = list(dict.fromkeys(record_ids))
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         q = select(records).where(
             records.c.tenant_id == tenant_id,
             records.c.collection == collection,
@@ -529,7 +525,7 @@ def _conflict_row(c: StoredConflict) -> dict[str, Any]:
         "kind": c.kind,
         "base_version": c.base_version,
         "server_version": c.server_version,
-        "fields": _dumps(
+        "fields": dumps(
             [
                 {"f": f.field, "b": encode(f.base), "y": encode(f.yours), "t": encode(f.theirs)}
                 for f in c.fields
@@ -574,7 +570,7 @@ def _load_conflicts(
     conn: Connection, tenant_id: str, ids: Sequence[str]
 ) -> dict[str, StoredConflict]:
     out: dict[str, StoredConflict] = {}
-    for chunk in _chunks(list(dict.fromkeys(ids))):
+    for chunk in chunks(list(dict.fromkeys(ids))):
         q = select(conflicts).where(
             conflicts.c.tenant_id == tenant_id, conflicts.c.conflict_id.in_(chunk)
         )

@@ -102,6 +102,9 @@ conflicts = Table(
 )
 
 # Audit events written with the change they describe; the relay delivers them.
+# A relay claims the rows it is sending (claimed_by: its storage instance,
+# claimed_until: nanoseconds since the epoch) so that the relays of several
+# instances never send the same event at once, and a crashed one's claim expires.
 outbox = Table(
     "outbox",
     metadata,
@@ -111,4 +114,6 @@ outbox = Table(
     Column("payload", Text, nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("claimed_by", String(64), nullable=True),
+    Column("claimed_until", BigInteger, nullable=True),
 )
