@@ -642,6 +642,24 @@ def test_outbox_depth_counts_events_and_finds_the_oldest(storage: Storage) -> No
     assert storage.outbox_depth() == (3, NOW + 100)
 
 
+def test_outbox_fetch_claims_rows_for_its_relay(storage: Storage, storage_url: str) -> None:
+    """Relays of several instances share the outbox: a fetch claims what it returns."""
+    ids = [f"e{i}" for i in range(6)]
+    commit(storage, BatchWrite(events=[OutboxEvent(e, T1, {"n": e}, NOW) for e in ids]))
+    other = SqlStorage(storage_url)
+    try:
+        fetched = [e.event_id for e in storage.outbox_fetch(4, 10)]
+        assert fetched == ids[:4]
+        assert [e.event_id for e in other.outbox_fetch(10, 10)] == ids[4:]  # the rest only
+        assert [e.event_id for e in storage.outbox_fetch(10, 10)] == ids[:4]  # its own again
+        storage.outbox_delivered(ids[:2])
+        storage.outbox_refused(ids[2:4])  # counted, and free for any relay to retry
+        assert [e.event_id for e in other.outbox_fetch(10, 10)] == ids[2:]
+        assert storage.outbox_depth() == (4, NOW)
+    finally:
+        other.close()
+
+
 # -- transactions ----------------------------------------------------------------
 
 
