@@ -26,8 +26,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Connection, Select, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -40,7 +38,7 @@ from audit_service.model import (
 )
 from audit_service.tables import audit_events
 from fieldsync.audit_kinds import EventKind
-from fieldsync.db import chunks, dumps, normalize_url, open_engines
+from fieldsync.db import chunks, dumps, normalize_url, open_engines, upgrade_schema
 from fieldsync.values import decode_fields, encode_fields
 
 __all__ = ["MIGRATIONS", "AuditStorage", "SqlAuditStorage"]
@@ -98,11 +96,8 @@ class SqlAuditStorage:
         starting together wait for each other instead of both creating the
         table, and a crash mid-migration leaves nothing half-built.
         """
-        cfg = Config()
-        cfg.set_main_option("script_location", str(MIGRATIONS))
         with self._write_transaction() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            upgrade_schema(conn, MIGRATIONS)
 
     def close(self) -> None:
         self._write.dispose()

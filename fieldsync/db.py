@@ -15,8 +15,11 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
@@ -32,6 +35,14 @@ dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 def chunks(items: Sequence[_T], size: int = CHUNK) -> Iterator[Sequence[_T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def upgrade_schema(conn: Connection, script_location: Path) -> None:
+    """Run a service's Alembic migrations to head on `conn` (the caller holds its lock)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(script_location))
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, "head")
 
 
 def normalize_url(url: str) -> str:

@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -44,7 +42,7 @@ from sqlalchemy import (
     select,
 )
 
-from fieldsync.db import chunks, dumps, normalize_url, open_engines
+from fieldsync.db import chunks, dumps, normalize_url, open_engines, upgrade_schema
 from fieldsync.values import decode, decode_fields, encode, encode_fields
 from sync_service.merge import Change
 from sync_service.storage.base import (
@@ -148,13 +146,10 @@ class SqlStorage:
         mid-migration leaves nothing half-built) and PostgreSQL under the
         advisory write lock.
         """
-        cfg = Config()
-        cfg.set_main_option("script_location", str(MIGRATIONS))
         with self._write.begin() as conn:
             if self.dialect == "postgresql":
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            upgrade_schema(conn, MIGRATIONS)
 
     def close(self) -> None:
         self._write.dispose()
