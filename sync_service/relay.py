@@ -160,7 +160,14 @@ class AuditRelay:
     async def _run(self) -> None:
         backoff = self._min_backoff
         last_report = 0.0
-        async with grpc.aio.insecure_channel(self._addr) as channel:
+        # gRPC's own reconnect backoff grows to 120 s by default: after a long
+        # audit outage the channel would stay down long after the service is
+        # back, whatever our retry loop does. Keep it within our own ceiling.
+        options = [
+            ("grpc.initial_reconnect_backoff_ms", max(1, int(self._min_backoff * 1000))),
+            ("grpc.max_reconnect_backoff_ms", max(1, int(self._max_backoff * 1000))),
+        ]
+        async with grpc.aio.insecure_channel(self._addr, options=options) as channel:
             stub = audit_pb2_grpc.AuditServiceStub(channel)
             while True:
                 try:
