@@ -54,5 +54,11 @@ fmt: install
 proto-lint:
 	bash scripts/buf_lint.sh
 
+# The benchmark (bench/README.md): real services on throwaway databases, a table on
+# stdout and bench/results/latest.json. BENCH_QUICK=1 checks the harness in ~2 minutes.
+.PHONY: bench
+bench: install
+	$(PY) bench/run.py
+
 clean:
 	rm -rf $(VENV) $(RUN_DIR) fieldsync/v1/*_pb2*.py fieldsync/v1/*_pb2*.pyi $(GEN_STAMP)

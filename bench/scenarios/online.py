@@ -1,0 +1,125 @@
+"""latency and concurrent: online clients calling ApplyBatch on the SQLite service.
+
+latency: one client, `ApplyBatch` calls of one mutation each, one after
+another (after a few untimed warm-up calls) -> p50 and p99 of the call time.
+
+concurrent: 50 clients at once (each its own client_id, user and channel,
+spread over five tenants), each sending its mutations in batches, one batch
+after another -> aggregate mutations/s, batch latency percentiles, and
+errors (failed calls plus REJECTED results: the workload has none that
+should be). `run_concurrent` is shared with concurrent_pg.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from bench import driver, procs, workload
+from bench.context import Ctx
+from bench.driver import ConcurrentClient, Tally
+from bench.stats import Figures, percentile, summarize
+from fieldsync.v1 import sync_pb2
+
+WARMUP_CALLS = 20
+TENANTS = 5
+
+
+def _requests(client_id: str, mutations: Sequence[sync_pb2.Mutation], batch: int) -> list[bytes]:
+    return [
+        workload.apply_batch_bytes(client_id, mutations[i : i + batch])
+        for i in range(0, len(mutations), batch)
+    ]
+
+
+def concurrent_clients(
+    n_clients: int, per_client: int, batch: int, *, prefix: str = "c"
+) -> list[ConcurrentClient]:
+    clients = []
+    for i in range(n_clients):
+        client_id = f"{prefix}{i:03d}"
+        muts = workload.rounds_workload(
+            f"{client_id}-", max(1, per_client // 10), per_client, seed=i
+        )
+        md = workload.metadata(tenant=f"tenant{i % TENANTS}", sub=f"user{i:03d}")
+        clients.append(ConcurrentClient(md, _requests(client_id, muts, batch)))
+    return clients
+
+
+def concurrent_figures(t: Tally) -> Figures:
+    rejected = t.statuses["rejected"]
+    return {
+        "value": round(t.rate, 1),
+        "mutations": t.mutations,
+        "seconds": round(t.seconds, 3),
+        "p50_batch_ms": round(percentile(t.latencies_ms, 50), 3),
+        "p99_batch_ms": round(percentile(t.latencies_ms, 99), 3),
+        "max_batch_ms": round(max(t.latencies_ms, default=0.0), 3),
+        "errors": len(t.errors) + rejected,
+        "failed_calls": len(t.errors),
+        "rejected": rejected,
+        "conflicts": t.statuses["conflict"],
+        "truncated": t.truncated,
+        "statuses": dict(t.statuses),
+        "first_error": t.errors[0] if t.errors else "",
+    }
+
+
+def run_concurrent(addresses: Sequence[str], ctx: Ctx, *, cap: float) -> Figures:
+    s = ctx.sizes
+    clients = concurrent_clients(s.concurrent_clients, s.concurrent_mutations, s.concurrent_batch)
+    tally = driver.apply_concurrently(addresses, clients, deadline=cap)
+    figures = concurrent_figures(tally)
+    figures["clients"] = len(clients)
+    return figures
+
+
+def run(ctx: Ctx) -> dict[str, Figures]:
+    s = ctx.sizes
+    warm = workload.rounds_workload("warm-", 10, WARMUP_CALLS)
+    warm_reqs = [workload.apply_batch_bytes("warm", [m]) for m in warm]
+    muts = workload.rounds_workload("lat-", max(1, s.latency_calls // 10), s.latency_calls)
+    reqs = [workload.apply_batch_bytes("lat", [m]) for m in muts]
+    latency_runs: list[Figures] = []
+    concurrent_runs: list[Figures] = []
+    for rep in ctx.repetitions("latency+concurrent"):
+        folder = ctx.folder(f"latency-{rep}")
+        proc = procs.start_sync(f"sqlite:///{folder / 'sync.db'}", ctx.audit_addr, folder)
+        with procs.running(proc):
+            driver.apply_sequential(
+                proc.address, workload.metadata(sub="warm"), warm_reqs, deadline=60
+            )
+            t = driver.apply_sequential(
+                proc.address, workload.metadata(sub="lat"), reqs, deadline=s.latency_cap
+            )
+        p50 = percentile(t.latencies_ms, 50)
+        latency_runs.append(
+            {
+                "value": round(p50, 3),
+                "p50_ms": round(p50, 3),
+                "p90_ms": round(percentile(t.latencies_ms, 90), 3),
+                "p99_ms": round(percentile(t.latencies_ms, 99), 3),
+                "max_ms": round(max(t.latencies_ms, default=0.0), 3),
+                "calls": len(t.latencies_ms),
+                "errors": len(t.errors) + t.statuses["rejected"],
+                "truncated": t.truncated,
+                "first_error": t.errors[0] if t.errors else "",
+            }
+        )
+        ctx.log(
+            f"latency rep {rep + 1}/{ctx.reps}: p50 {latency_runs[-1]['p50_ms']} ms, "
+            f"p99 {latency_runs[-1]['p99_ms']} ms over {len(t.latencies_ms)} calls"
+        )
+
+        folder = ctx.folder(f"concurrent-{rep}")
+        proc = procs.start_sync(f"sqlite:///{folder / 'sync.db'}", ctx.audit_addr, folder)
+        with procs.running(proc):
+            figures = run_concurrent([proc.address], ctx, cap=s.concurrent_cap)
+        concurrent_runs.append(figures)
+        ctx.log(
+            f"concurrent rep {rep + 1}/{ctx.reps}: {figures['value']:.0f}/s, "
+            f"p99 batch {figures['p99_batch_ms']} ms, errors {figures['errors']}"
+        )
+    return {
+        "latency": summarize("ms (p50)", latency_runs),
+        "concurrent": summarize("mutations/s", concurrent_runs),
+    }
