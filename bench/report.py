@@ -70,6 +70,7 @@ ORDER = (
     "memory",
     "pull",
     "audit_relay",
+    "text_merge",
     "reconnect_pg",
     "concurrent_pg",
 )
@@ -81,6 +82,7 @@ SHOWN: Mapping[str, tuple[str, ...]] = {
     "memory": ("value", "mutations"),
     "pull": ("value", "records_per_s_page_5000"),
     "audit_relay": ("value", "events"),
+    "text_merge": ("value", "max_ms"),
     "reconnect_pg": ("value", "value_2_processes", "ratio_2_vs_1_processes"),
     "concurrent_pg": ("value", "p99_batch_ms", "errors"),
 }
