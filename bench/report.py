@@ -87,6 +87,7 @@ SHOWN: Mapping[str, tuple[str, ...]] = {
     "concurrent_pg": ("value", "p99_batch_ms", "errors"),
 }
 UNITS = {
+    "max_ms": "ms",
     "p50_ms": "ms",
     "p99_ms": "ms",
     "p99_batch_ms": "ms",
