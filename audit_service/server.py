@@ -9,13 +9,11 @@ the calls in flight finish within the grace period, and return.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from audit_service.config import AuditConfig
@@ -24,6 +22,7 @@ from audit_service.storage import SqlAuditStorage
 from audit_service.tail import CommitSignal
 from fieldsync.auth import TokenVerifier
 from fieldsync.interceptors import FieldSyncInterceptor
+from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 
 __all__ = ["SERVICE_NAME", "AuditApp", "serve"]
@@ -89,27 +88,21 @@ class AuditApp:
 
 
 async def serve(config: AuditConfig) -> None:
+    # Signals first: a SIGTERM during startup (migrations) still ends gracefully.
+    stop = stop_event()
     app = AuditApp.from_config(config)
     try:
         server = grpc.aio.server(interceptors=app.interceptors(), options=app.server_options())
         health_servicer = app.add_services(server)
-        port = server.add_insecure_port(config.addr)
-        if port == 0:
-            raise SystemExit(f"cannot listen on {config.addr}")
-        await server.start()
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        names = ("", SERVICE_NAME)
+        port = await listen(server, config.addr, health_servicer, names)
+        await set_health(health_servicer, names, SERVING)
         host = config.addr.rsplit(":", 1)[0]
         log.info("audit service listening on %s:%d (database %s)", host, port, app.storage.dialect)
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("stopping: finishing calls in flight (grace %.1fs)", config.shutdown_grace_seconds)
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await set_health(health_servicer, names, NOT_SERVING)
         app.begin_shutdown()
         await server.stop(config.shutdown_grace_seconds)
     finally:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from dataclasses import dataclass
 
 import grpc
@@ -21,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fieldsync.auth import TokenVerifier
 from fieldsync.interceptors import FieldSyncInterceptor
+from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event
 from fieldsync.v1 import sync_pb2, sync_pb2_grpc
 from sync_service.apply import Applier
 from sync_service.config import SyncConfig
@@ -157,27 +157,20 @@ class SyncApp:
 
 async def serve(config: SyncConfig) -> None:
     # Signals first: a SIGTERM during startup (migrations) still ends gracefully.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     app = SyncApp.from_config(config)
     server = grpc.aio.server(interceptors=app.interceptors(), options=app.server_options())
     health_servicer = app.add_services(server)
-    port = server.add_insecure_port(config.addr)
-    if port == 0:
-        raise SystemExit(f"cannot listen on {config.addr}")
-    await server.start()
+    names = ("", SERVICE_NAME)
+    port = await listen(server, config.addr, health_servicer, names)
     await app.wait_feed_listener()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await set_health(health_servicer, names, SERVING)
     host = config.addr.rsplit(":", 1)[0]
     log.info("sync service listening on %s:%d (database %s)", host, port, app.storage.dialect)
 
     await stop.wait()
     log.info("stopping: finishing calls in flight (grace %.1fs)", config.shutdown_grace_seconds)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await set_health(health_servicer, names, NOT_SERVING)
     app.begin_shutdown()
     await server.stop(config.shutdown_grace_seconds)
     await app.stop_relay()
