@@ -5,8 +5,10 @@ going through the service would take longer than the measurement. So the
 service is run once on the file to migrate it and stopped, and then the rows
 are written here with SQLAlchemy Core executemany, as the service stores
 them: values as JSON text (fieldsync.values.encode_fields), version 1, every
-field at version 1, feed_seq increasing. History, clients and results rows
-are not needed: nothing in them is read for records no mutation names.
+field at version 1, feed_seq and record_key increasing, and sync_state moved
+on past them (as the service's own writes leave it). History, clients and
+results rows are not needed: nothing in them is read for records no
+mutation names.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, func, select
+from sqlalchemy import create_engine, event, select
 
 from fieldsync.values import FieldValue, encode_fields
-from sync_service.storage.tables import records
+from sync_service.storage.tables import records, sync_state
 
 CHUNK = 20_000
 STATUSES = ("todo", "doing", "done")
@@ -53,9 +55,9 @@ def preload(
     start = time.perf_counter()
     try:
         with engine.begin() as conn:
-            head = int(
-                conn.execute(select(func.coalesce(func.max(records.c.feed_seq), 0))).scalar_one()
-            )
+            head, keys = conn.execute(
+                select(sync_state.c.feed_head, sync_state.c.record_keys)
+            ).one()
             now = time.time_ns()
             for lo in range(0, n, CHUNK):
                 rows = []
@@ -76,9 +78,13 @@ def preload(
                             "updated_at": now,
                             "updated_by": "preload",
                             "feed_seq": head + i + 1,
+                            "record_key": keys + i + 1,
+                            "last_client_id": "preload",
+                            "others_version": 0,
                         }
                     )
                 conn.execute(records.insert(), rows)
+            conn.execute(sync_state.update().values(feed_head=head + n, record_keys=keys + n))
         with engine.connect() as conn:  # leave no WAL behind: the file is copied as is
             conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:

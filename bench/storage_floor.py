@@ -178,6 +178,9 @@ class StorageFloor:
                         collection=batch[0].collection,
                         record_id=rid,
                         history_floor=0,
+                        record_key=self._feed_seq,  # unique per new record, as the service's
+                        last_client_id=client_id,
+                        others_version=0,
                     )
                     new_rows.append(row)
             if new_rows:

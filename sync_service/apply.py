@@ -38,7 +38,7 @@ from fieldsync.errors import (
 from fieldsync.values import Fields, FieldValue
 from sync_service.decode import Repair, WarningCode, apply_defaults, decode_fields
 from sync_service.events import make_event
-from sync_service.merge import DELETED, Change, Decision, Op, RecordState, decide
+from sync_service.merge import DELETED, Change, Decision, Op, Outcome, decide
 from sync_service.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome, Status
 from sync_service.schema import CollectionSpec, Policy, Schema
 from sync_service.storage.base import (
@@ -288,17 +288,22 @@ class _BatchRun:
             key = r.payload.get("k")
             if key:
                 by_collection[key[0]].setdefault(key[1], 1 << 62)
+        client_id = self.client.client_id
         for collection, bases in by_collection.items():
             found = self.tx.load_records(self.tenant, collection, bases)
-            stale = {}
+            foreign = {}
             for rid, base in bases.items():
                 rec = found.get(rid) or StoredRecord(self.tenant, collection, rid)
                 self.records[(collection, rid)] = rec
                 self.changes[(collection, rid)] = []
-                if base < rec.version:
-                    stale[rid] = max(base, 0)
-            if stale:
-                for rid, changes in self.tx.load_changes(self.tenant, collection, stale).items():
+                base = max(base, 0)
+                # Only another client's changes since base decide anything: a
+                # record this client alone changed since is merged as if
+                # unchanged (sync_service.merge), so its history is not read.
+                if base < rec.history_floor or rec.changed_by_others_since(client_id, base):
+                    foreign[rid] = base
+            if foreign:
+                for rid, changes in self.tx.load_changes(self.tenant, collection, foreign).items():
                     self.changes[(collection, rid)] = changes
         wanted = {m.resolves_conflict_id for m in fresh if m.resolves_conflict_id}
         wanted.update(r.payload["c"] for r in stored if r.payload.get("c"))
@@ -350,7 +355,7 @@ class _BatchRun:
                 f"base_version {m.base_version} is above the record's version {rec.version}",
                 violations=[("mutation.base_version", f"at most {rec.version}")],
             )
-        op = Op(m.op)
+        op = _OPS[m.op]  # _validate checked it
         writes: Fields = {}
         repairs: list[Repair] = []
         if op is not Op.DELETE:
@@ -379,9 +384,7 @@ class _BatchRun:
         decision = decide(
             op,
             writes,
-            state=RecordState(
-                rec.version, rec.deleted, rec.fields, rec.field_versions, rec.history_floor
-            ),
+            state=rec,
             base_version=m.base_version,
             client_id=self.client.client_id,
             changes=changes,
@@ -390,14 +393,16 @@ class _BatchRun:
             all_lww=rules.all_lww,
         )
         rec = self._stage_record(m, rec, decision)
-        outcome = MutationOutcome(m.mutation_id, m.client_seq, Status(int(decision.outcome)))
+        outcome = MutationOutcome(m.mutation_id, m.client_seq, _STATUS[decision.outcome])
         outcome.record = rec
         outcome.warnings = repairs
         outcome.duplicate_transition = bool(decision.duplicates)
         if decision.collisions:
             outcome.conflict = self._stage_conflict(m, rec, decision)
-        self._stage_resolution(m, outcome)
-        self._stage_events(m, outcome, decision)
+        if m.resolves_conflict_id:
+            self._stage_resolution(m, outcome)
+        if repairs or decision.collisions or decision.overwrites or decision.duplicates:
+            self._stage_events(m, outcome, decision)
         return outcome
 
     def _validate(self, m: MutationIn) -> _CollectionRules:
@@ -449,6 +454,7 @@ class _BatchRun:
                 fields.pop(name, None)
             else:
                 fields[name] = value
+        client_id = self.client.client_id
         new = StoredRecord(
             rec.tenant_id,
             rec.collection,
@@ -461,6 +467,9 @@ class _BatchRun:
             self.now,
             self.principal.sub,
             rec.exists,
+            client_id,
+            rec.others_version if rec.last_client == client_id else rec.version,
+            rec.key,
         )
         key = (m.collection, m.record_id)
         self.records[key] = new
@@ -680,6 +689,13 @@ class _BatchRun:
             self.out.client = self.client
         self.tx.write(self.out)
 
+
+_OPS = {int(op): op for op in Op}
+_STATUS = {
+    Outcome.APPLIED: Status.APPLIED,
+    Outcome.MERGED: Status.MERGED,
+    Outcome.CONFLICT: Status.CONFLICT,
+}
 
 _KIND_NAMES = {1: "FIELDS", 2: "DELETE_UPDATE", 3: "UPDATE_DELETE", 4: "CREATE_CREATE"}
 

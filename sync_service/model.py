@@ -26,7 +26,7 @@ class Status(IntEnum):
     REJECTED = 5
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per mutation, and frozen init costs 4x
 class MutationIn:
     mutation_id: str
     client_seq: int

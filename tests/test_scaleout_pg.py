@@ -401,8 +401,9 @@ def check_run(cluster: Cluster, run: PatchRun) -> Counter[str]:
     tenant = run.tenant
     history: dict[str, list[Version]] = defaultdict(list)
     for rid, version, client_id, mutation_id, old in cluster.sql(
-        "SELECT record_id, version, client_id, mutation_id, old FROM record_history"
-        " WHERE tenant_id = %s ORDER BY record_id, version",
+        "SELECT r.record_id, h.version, h.client_id, h.mutation_id, h.old"
+        " FROM record_history h JOIN records r ON r.record_key = h.record_key"
+        " WHERE r.tenant_id = %s ORDER BY r.record_id, h.version",
         tenant,
     ):
         history[rid].append(
@@ -557,8 +558,9 @@ def test_one_mutation_sent_to_two_instances_at_once_applies_once(cluster: Cluste
         assert applied.record == duplicate.record and applied.record.version == 1
         assert first.last_applied_seq == second.last_applied_seq == 1
     rows = cluster.sql(
-        "SELECT count(*), count(DISTINCT record_id), max(version) FROM record_history"
-        " WHERE tenant_id = %s",
+        "SELECT count(*), count(DISTINCT r.record_id), max(h.version)"
+        " FROM record_history h JOIN records r ON r.record_key = h.record_key"
+        " WHERE r.tenant_id = %s",
         tenant,
     )
     assert rows == [(rounds, rounds, 1)]
@@ -568,7 +570,7 @@ def test_a_write_held_open_does_not_make_pull_skip_a_later_commit(cluster: Clust
     """Why no Pull can skip a change, whatever the commit order (SPEC §6):
 
     every write transaction takes one advisory lock first and only then reads
-    max(feed_seq) and hands out the next positions; PostgreSQL releases the
+    the feed head (sync_state) and hands out the next positions; PostgreSQL releases the
     lock only after the commit is visible. So a transaction holding position
     p commits before any transaction can even be given p+1: feed positions
     become visible in order, and a reader that sees position p+1 sees p and
@@ -624,12 +626,15 @@ def test_a_write_held_open_does_not_make_pull_skip_a_later_commit(cluster: Clust
                 # A writer that took its feed position and has not committed.
                 raw.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_WRITE_LOCK,))
                 row = raw.execute(
-                    "UPDATE records SET feed_seq = (SELECT max(feed_seq) + 1 FROM records)"
-                    " WHERE tenant_id = %s AND record_id = 'held' RETURNING feed_seq",
-                    (tenant,),
+                    "UPDATE sync_state SET feed_head = feed_head + 1 WHERE id = 1"
+                    " RETURNING feed_head"
                 ).fetchone()
                 assert row is not None
                 held_at = row[0]
+                raw.execute(
+                    "UPDATE records SET feed_seq = %s WHERE tenant_id = %s AND record_id = 'held'",
+                    (held_at, tenant),
+                )
                 writes = [pool.submit(write, b, "w1"), pool.submit(write, c, "w2")]
                 crowd = [
                     d.ApplyBatch.future(

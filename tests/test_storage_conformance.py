@@ -193,8 +193,12 @@ def assert_fields_identical(got: dict[str, FieldValue], want: dict[str, FieldVal
 
 
 def assert_record(got: StoredRecord, want: StoredRecord) -> None:
+    """The same record as written; its key is the storage's to give (and never 0)."""
     assert_fields_identical(got.fields, want.fields)
-    assert dataclasses.replace(got, fields={}) == dataclasses.replace(want, fields={}, exists=True)
+    assert got.key > 0
+    assert dataclasses.replace(got, fields={}, key=0) == dataclasses.replace(
+        want, fields={}, exists=True, key=0
+    )
 
 
 def ids(page: Sequence[tuple[int, StoredRecord]]) -> list[str]:
@@ -350,6 +354,7 @@ def test_history_and_conflicts_round_trip_every_value_kind(storage: Storage) -> 
     commit(
         storage,
         BatchWrite(
+            records=[rec(T1, "tasks", "r1")],
             history=[hist(T1, "tasks", "r1", 1, ALL_KINDS)],
             conflicts=[conflict("c1", fields=fields)],
         ),
@@ -502,7 +507,8 @@ def test_load_changes_returns_each_records_history_above_its_own_since(
     rows += [hist(T1, "tasks", "r2", v, {"n": -v}) for v in range(1, 4)]
     rows += [hist(T1, "notes", "r1", 9, {"n": 9}), hist(T2, "tasks", "r1", 9, {"n": 9})]
     rows.reverse()  # stored out of order: the order must come from the read
-    commit(storage, BatchWrite(history=rows))
+    stored = [rec(T1, "tasks", "r1"), rec(T1, "tasks", "r2"), rec(T1, "notes", "r1")]
+    commit(storage, BatchWrite(records=[*stored, rec(T2, "tasks", "r1")], history=rows))
 
     with storage.write_transaction() as tx:
         got = tx.load_changes(T1, "tasks", {"r1": 2, "r2": 0, "r3": 0, "never": 99})
@@ -515,6 +521,23 @@ def test_load_changes_returns_each_records_history_above_its_own_since(
         "r3": [],
         "never": [],
     }
+
+
+def test_history_of_a_record_that_is_not_stored_is_refused_and_nothing_is_written(
+    storage: Storage,
+) -> None:
+    commit(storage, BatchWrite(records=[rec(T1, "tasks", "r1")]))
+    head = storage.feed_head(T1)
+    batch = BatchWrite(
+        records=[rec(T1, "tasks", "r2")],
+        history=[hist(T1, "tasks", "r1", 1, {"n": 1}), hist(T2, "tasks", "r1", 1, {"n": 2})],
+    )
+    with pytest.raises(ValueError, match="no stored record"):
+        commit(storage, batch)
+    assert storage.feed_head(T1) == head
+    assert storage.get_records(T1, "tasks", ["r2"]) == []
+    with storage.write_transaction() as tx:
+        assert tx.load_changes(T1, "tasks", {"r1": 0}) == {"r1": []}
 
 
 def test_load_results_returns_only_the_asked_seqs(storage: Storage) -> None:
@@ -747,6 +770,91 @@ def test_concurrent_writers_wait_for_each_other(storage: Storage) -> None:
     pulled = storage.pull(T1, 0, [], 100)
     positions = [p for p, _ in pulled]
     assert len(set(positions)) == len(positions) == 1 + writers
+
+
+# -- the record cache --------------------------------------------------------------
+
+
+def test_a_write_by_another_instance_is_never_hidden_by_the_cache(storage_url: str) -> None:
+    """Two instances on one database: what one has cached, the other changes; the
+    first must see the change in its next write transaction, whoever wrote last."""
+    a = SqlStorage(storage_url, sqlite_synchronous="NORMAL")
+    b = SqlStorage(storage_url, sqlite_synchronous="NORMAL")
+    try:
+        a.migrate()
+        commit(a, BatchWrite(records=[rec(T1, "tasks", "r1"), rec(T1, "tasks", "r2")]))
+        with a.write_transaction() as tx:  # a reads both: they are cached now
+            assert tx.load_records(T1, "tasks", ["r1", "r2"])["r1"].version == 1
+        with b.write_transaction() as tx:
+            current = tx.load_records(T1, "tasks", ["r1"])["r1"]
+            tx.write(BatchWrite(records=[dataclasses.replace(current, version=2)]))
+        with a.write_transaction() as tx:
+            seen = tx.load_records(T1, "tasks", ["r1", "r2"])
+            assert (seen["r1"].version, seen["r2"].version) == (2, 1)
+            tx.write(BatchWrite(records=[dataclasses.replace(seen["r2"], version=2)]))
+        with b.write_transaction() as tx:  # and the other way round
+            assert tx.load_records(T1, "tasks", ["r2"])["r2"].version == 2
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_rolled_back_write_is_never_served_from_the_cache(storage: Storage) -> None:
+    commit(storage, BatchWrite(records=[rec(T1, "tasks", "r1")]))
+    with storage.write_transaction() as tx:
+        current = tx.load_records(T1, "tasks", ["r1"])["r1"]
+    with pytest.raises(RuntimeError, match="boom"), storage.write_transaction() as tx:
+        tx.write(BatchWrite(records=[dataclasses.replace(current, version=2), rec(T1, "x", "n")]))
+        raise RuntimeError("boom")
+    with storage.write_transaction() as tx:
+        assert tx.load_records(T1, "tasks", ["r1"])["r1"].version == 1
+        assert tx.load_records(T1, "x", ["n"]) == {}
+
+
+def test_a_rolled_back_write_is_not_served_when_another_writer_reaches_the_same_head(
+    storage_url: str,
+) -> None:
+    """The head a rolled-back write would have made can be reached by another
+    instance's commit; the cache must not take that for its own."""
+    a = SqlStorage(storage_url, sqlite_synchronous="NORMAL")
+    b = SqlStorage(storage_url, sqlite_synchronous="NORMAL")
+    try:
+        a.migrate()
+        commit(a, BatchWrite(records=[rec(T1, "tasks", "r1")]))
+        with a.write_transaction() as tx:
+            current = tx.load_records(T1, "tasks", ["r1"])["r1"]
+        with pytest.raises(RuntimeError, match="boom"), a.write_transaction() as tx:
+            tx.write(BatchWrite(records=[dataclasses.replace(current, version=9)]))
+            raise RuntimeError("boom")
+        commit(b, BatchWrite(records=[rec(T1, "tasks", "other")]))  # one record, as a's was
+        with a.write_transaction() as tx:
+            assert tx.load_records(T1, "tasks", ["r1"])["r1"].version == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_without_a_cache_and_with_a_tiny_one_every_read_is_the_databases(
+    storage_url: str,
+) -> None:
+    for size in (0, 2):
+        st = SqlStorage(storage_url, sqlite_synchronous="NORMAL", record_cache=size)
+        try:
+            st.migrate()
+            rids = [f"s{size}-{i}" for i in range(5)]
+            commit(st, BatchWrite(records=[rec(T1, "tasks", r) for r in rids]))
+            for version in (2, 3):
+                with st.write_transaction() as tx:
+                    got = tx.load_records(T1, "tasks", rids)
+                    assert {r.version for r in got.values()} == {version - 1}
+                    tx.write(
+                        BatchWrite(
+                            records=[dataclasses.replace(r, version=version) for r in got.values()]
+                        )
+                    )
+            assert {r.version for r in st.get_records(T1, "tasks", rids)} == {3}
+        finally:
+            st.close()
 
 
 # -- size ------------------------------------------------------------------------

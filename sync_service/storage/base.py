@@ -34,9 +34,18 @@ class StoredRecord:
     updated_at: int = 0  # nanoseconds since the epoch
     updated_by: str = ""
     exists: bool = False  # whether the row is in the database yet
+    last_client: str = ""  # the client of the latest change ("" : unknown)
+    others_version: int = 0  # the latest version made by a client other than last_client
+    key: int = 0  # the storage's integer name for the record (0: none yet)
+
+    def changed_by_others_since(self, client_id: str, base: int) -> bool:
+        """Whether a client other than `client_id` made a version above `base`."""
+        if self.last_client != client_id:
+            return self.version > base
+        return self.others_version > base
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per mutation, and frozen init costs 4x
 class HistoryRow:
     """One committed version of a record: who made it and the values it replaced."""
 
@@ -99,7 +108,7 @@ class ConflictResolution:
     resolution: str  # the answering mutation's id, or the ResolveConflict choice
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per mutation, and frozen init costs 4x
 class StoredResult:
     """A mutation's original outcome, kept so a replay is answered identically."""
 
@@ -157,7 +166,10 @@ class WriteTx(Protocol):
     def load_conflicts(self, tenant_id: str, ids: Iterable[str]) -> dict[str, StoredConflict]: ...
 
     def write(self, batch: BatchWrite) -> None:
-        """Store the batch (records get the next feed positions); commit follows."""
+        """Store the batch (records get the next feed positions); commit follows.
+
+        A record's history rows go with it: each HistoryRow names a record of
+        `batch.records` or one already stored."""
         ...
 
 

@@ -43,7 +43,7 @@ from sqlalchemy import (
 )
 
 from fieldsync.db import chunks, dumps, normalize_url, open_engines, upgrade_schema
-from fieldsync.values import decode, decode_fields, encode, encode_fields
+from fieldsync.values import decode, dumps_fields, encode, loads_fields
 from sync_service.merge import Change
 from sync_service.storage.base import (
     BatchWrite,
@@ -55,26 +55,27 @@ from sync_service.storage.base import (
     StoredRecord,
     StoredResult,
 )
+from sync_service.storage.cache import RecordCache
 from sync_service.storage.pg_notify import notify_feed
 from sync_service.storage.tables import (
     clients,
     conflicts,
-    mutation_results,
     outbox,
-    record_history,
     records,
 )
 
 log = logging.getLogger("fieldsync.storage")
 
+_loads = json.JSONDecoder().decode
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_WRITE_LOCK = 0x46_53_59_4E  # "FSYN": the advisory lock id of sync writes
 
 
-# The write path's bulk statements, run through the driver's executemany with
-# positional rows: SQLAlchemy Core's per-row parameter processing was the
-# largest single cost of a batch. Column lists are spelled out, so a column
-# added later with a server default needs no change here.
+# The write path's statements, run on the driver's cursor with positional rows:
+# SQLAlchemy Core's statement compilation and per-row parameter processing
+# cost more than the database's own work there. Column lists are spelled out,
+# so a column added later with a server default needs no change here.
 _RECORD_COLUMNS = (
     "version",
     "deleted",
@@ -83,13 +84,20 @@ _RECORD_COLUMNS = (
     "history_floor",
     "updated_at",
     "updated_by",
+    "last_client_id",
+    "others_version",
     "feed_seq",
 )
-_KEY_COLUMNS = ("tenant_id", "collection", "record_id")
+_RECORD_READ = ", ".join(("record_id", "record_key", *_RECORD_COLUMNS[:-1]))
 
 
 @dataclass(frozen=True)
-class _BulkSql:
+class _Statements:
+    """The write transaction's statements, as driver SQL in the driver's paramstyle."""
+
+    ph: str  # the driver's placeholder
+    read_state: str
+    write_state: str
     insert_record: str
     update_record: str
     insert_history: str
@@ -97,7 +105,7 @@ class _BulkSql:
     insert_event: str
 
     @classmethod
-    def for_paramstyle(cls, paramstyle: str) -> _BulkSql:
+    def for_paramstyle(cls, paramstyle: str) -> _Statements:
         ph = "?" if paramstyle == "qmark" else "%s"
 
         def insert(table: str, columns: Sequence[str]) -> str:
@@ -105,19 +113,43 @@ class _BulkSql:
             return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
 
         sets = ", ".join(f"{c} = {ph}" for c in _RECORD_COLUMNS)
-        keys = " AND ".join(f"{c} = {ph}" for c in _KEY_COLUMNS)
         return cls(
-            insert_record=insert("records", (*_KEY_COLUMNS, *_RECORD_COLUMNS)),
-            update_record=f"UPDATE records SET {sets} WHERE {keys}",
+            ph=ph,
+            read_state="SELECT feed_head, record_keys FROM sync_state WHERE id = 1",
+            write_state=f"UPDATE sync_state SET feed_head = {ph}, record_keys = {ph} WHERE id = 1",
+            insert_record=insert(
+                "records",
+                ("tenant_id", "collection", "record_id", "record_key", *_RECORD_COLUMNS),
+            ),
+            update_record=f"UPDATE records SET {sets} WHERE record_key = {ph}",
             insert_history=insert(
                 "record_history",
-                (*_KEY_COLUMNS, "version", "client_id", "mutation_id", "old", "committed_at"),
+                ("record_key", "version", "client_id", "mutation_id", "old", "committed_at"),
             ),
             insert_result=insert(
                 "mutation_results",
                 ("client_id", "client_seq", "tenant_id", "mutation_id", "result"),
             ),
             insert_event=insert("outbox", ("event_id", "tenant_id", "payload", "created_at")),
+        )
+
+    def marks(self, n: int) -> str:
+        """`?, ?, ?` for an IN list of n values."""
+        return ", ".join([self.ph] * n)
+
+    def select_records(self, n: int) -> str:
+        ph = self.ph
+        return (
+            f"SELECT {_RECORD_READ} FROM records WHERE tenant_id = {ph} AND collection = {ph}"
+            f" AND record_id IN ({self.marks(n)})"
+        )
+
+    def select_history(self, n: int) -> str:
+        """The history of n records (by record_key) above a version, per record in order."""
+        return (
+            "SELECT record_key, version, client_id, mutation_id, old FROM record_history"
+            f" WHERE record_key IN ({self.marks(n)}) AND version > {self.ph}"
+            " ORDER BY record_key, version"
         )
 
 
@@ -128,13 +160,21 @@ class SqlStorage:
     # (RecordEvents times out after 30 s), so only a crashed relay's claim expires.
     outbox_lease_seconds = 60.0
 
-    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 5) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        sqlite_synchronous: str = "FULL",
+        pool_size: int = 5,
+        record_cache: int = 20_000,
+    ) -> None:
         self.url = normalize_url(url)
+        self._cache = RecordCache(record_cache)
         self._owner = uuid.uuid4().hex  # this instance's name on its outbox claims
         self.dialect, self._write, self._read = open_engines(
             url, sqlite_synchronous=sqlite_synchronous, pool_size=pool_size
         )
-        self._bulk_sql = _BulkSql.for_paramstyle(self._write.dialect.paramstyle)
+        self._statements = _Statements.for_paramstyle(self._write.dialect.paramstyle)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -160,12 +200,16 @@ class SqlStorage:
 
     @contextmanager
     def write_transaction(self) -> Iterator[SqlWriteTx]:
-        with self._write.begin() as conn:
-            if self.dialect == "postgresql":
-                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
-                yield _PgWriteTx(conn, self._bulk_sql)
-            else:
-                yield SqlWriteTx(conn, self._bulk_sql)
+        try:
+            with self._write.begin() as conn:
+                if self.dialect == "postgresql":
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
+                    yield _PgWriteTx(conn, self._statements, self._cache)
+                else:
+                    yield SqlWriteTx(conn, self._statements, self._cache)
+        except BaseException:
+            self._cache.forget()  # what the transaction handed it may not be committed
+            raise
 
     # -- reads ----------------------------------------------------------------
 
@@ -173,7 +217,7 @@ class SqlStorage:
         self, tenant_id: str, collection: str, record_ids: Sequence[str]
     ) -> list[StoredRecord]:
         with self._read.connect() as conn:
-            found = _load_records(conn, tenant_id, collection, record_ids)
+            found = _load_records(conn, self._statements, tenant_id, collection, record_ids)
         return [found[r] for r in dict.fromkeys(record_ids) if r in found]
 
     def pull(
@@ -301,11 +345,19 @@ def _pg_now_ns() -> Any:
 
 
 class SqlWriteTx:
-    """The reads and the write of one batch, on one connection in one transaction."""
+    """The reads and the write of one batch, on one connection in one transaction.
 
-    def __init__(self, conn: Connection, sql: _BulkSql) -> None:
+    It starts by reading sync_state (under the write lock): the feed head tells
+    the record cache whether its rows are current (storage/cache.py), and the
+    head and the last record key are where this batch's positions and keys go on.
+    """
+
+    def __init__(self, conn: Connection, sql: _Statements, cache: RecordCache) -> None:
         self._conn = conn
         self._sql = sql
+        self._cache = cache
+        self._head, self._keys = _fetch(conn, sql.read_state, ())[0]
+        cache.begin(self._head)
 
     def get_client(self, client_id: str) -> ClientRow | None:
         return _get_client(self._conn, client_id)
@@ -313,47 +365,51 @@ class SqlWriteTx:
     def load_results(self, client_id: str, seqs: Sequence[int]) -> dict[int, StoredResult]:
         if not seqs:
             return {}
-        m = mutation_results.c
-        q = select(mutation_results).where(
-            m.client_id == client_id, m.client_seq >= min(seqs), m.client_seq <= max(seqs)
+        ph = self._sql.ph
+        rows = _fetch(
+            self._conn,
+            "SELECT client_seq, tenant_id, mutation_id, result FROM mutation_results"
+            f" WHERE client_id = {ph} AND client_seq >= {ph} AND client_seq <= {ph}",
+            (client_id, min(seqs), max(seqs)),
         )
         wanted = set(seqs)
         return {
-            r.client_seq: StoredResult(
-                r.client_id, r.client_seq, r.tenant_id, r.mutation_id, json.loads(r.result)
-            )
-            for r in self._conn.execute(q)
-            if r.client_seq in wanted
+            seq: StoredResult(client_id, seq, tenant, mutation_id, json.loads(result))
+            for seq, tenant, mutation_id, result in rows
+            if seq in wanted
         }
 
     def load_records(
         self, tenant_id: str, collection: str, record_ids: Iterable[str]
     ) -> dict[str, StoredRecord]:
-        return _load_records(self._conn, tenant_id, collection, list(record_ids))
+        out: dict[str, StoredRecord] = {}
+        missing = []
+        cache = self._cache
+        for rid in record_ids:
+            rec = cache.get((tenant_id, collection, rid))
+            if rec is None:
+                missing.append(rid)
+            else:
+                out[rid] = rec
+        if missing:
+            read = _load_records(self._conn, self._sql, tenant_id, collection, missing)
+            cache.store(read.values())
+            out.update(read)
+        return out
 
     def load_changes(
         self, tenant_id: str, collection: str, since: Mapping[str, int]
     ) -> dict[str, list[Change]]:
         out: dict[str, list[Change]] = {rid: [] for rid in since}
-        if not since:
-            return out
-        h = record_history.c
-        floor = min(since.values())
-        for chunk in chunks(list(since)):
-            q = (
-                select(h.record_id, h.version, h.client_id, h.mutation_id, h.old)
-                .where(
-                    h.tenant_id == tenant_id,
-                    h.collection == collection,
-                    h.record_id.in_(chunk),
-                    h.version > floor,
-                )
-                .order_by(h.record_id, h.version)
-            )
-            for r in self._conn.execute(q):
-                if r.version > since[r.record_id]:
-                    old = decode_fields(json.loads(r.old))
-                    out[r.record_id].append(Change(r.version, r.client_id, r.mutation_id, old))
+        stored = self.load_records(tenant_id, collection, list(since))
+        after = {rec.key: (rid, since[rid]) for rid, rec in stored.items()}
+        for chunk in chunks(list(after)):
+            floor = min(after[k][1] for k in chunk)
+            rows = _fetch(self._conn, self._sql.select_history(len(chunk)), (*chunk, floor))
+            for key, version, client_id, mutation_id, old in rows:
+                rid, base = after[key]
+                if version > base:
+                    out[rid].append(Change(version, client_id, mutation_id, loads_fields(old)))
         return out
 
     def load_conflicts(self, tenant_id: str, ids: Iterable[str]) -> dict[str, StoredConflict]:
@@ -362,47 +418,74 @@ class SqlWriteTx:
     def write(self, batch: BatchWrite) -> None:
         conn = self._conn
         sql = self._sql
+        cur = conn.connection.cursor()
+        head, keys = self._head, self._keys
+        known = self._record_keys(batch)
+        written: list[StoredRecord] = []  # the rows as stored, for the cache
         if batch.records:
-            head = conn.execute(select(func.coalesce(func.max(records.c.feed_seq), 0))).scalar_one()
             new_rows: list[tuple[Any, ...]] = []
             old_rows: list[tuple[Any, ...]] = []
-            for i, rec in enumerate(batch.records, start=head + 1):
+            for rec in batch.records:
+                head += 1
                 values = (
                     rec.version,
                     rec.deleted,
-                    dumps(encode_fields(rec.fields)),
+                    dumps_fields(rec.fields),
                     dumps(rec.field_versions),
                     rec.history_floor,
                     rec.updated_at,
                     rec.updated_by,
-                    i,
+                    rec.last_client,
+                    rec.others_version,
+                    head,
                 )
-                key = (rec.tenant_id, rec.collection, rec.record_id)
+                name = (rec.tenant_id, rec.collection, rec.record_id)
                 if rec.exists:
-                    old_rows.append((*values, *key))
+                    key = known[name]
+                    old_rows.append((*values, key))
                 else:
-                    new_rows.append((*key, *values))
-            if new_rows:
-                conn.exec_driver_sql(sql.insert_record, new_rows)
-            if old_rows:
-                conn.exec_driver_sql(sql.update_record, old_rows)
-        if batch.history:
-            conn.exec_driver_sql(
-                sql.insert_history,
-                [
-                    (
-                        h.tenant_id,
-                        h.collection,
-                        h.record_id,
-                        h.version,
-                        h.client_id,
-                        h.mutation_id,
-                        dumps(encode_fields(h.old)),
-                        h.committed_at,
+                    keys += 1
+                    key = known[name] = keys
+                    new_rows.append((*name, key, *values))
+                written.append(
+                    StoredRecord(
+                        *name,
+                        rec.version,
+                        rec.deleted,
+                        rec.fields,
+                        rec.field_versions,
+                        rec.history_floor,
+                        rec.updated_at,
+                        rec.updated_by,
+                        True,
+                        rec.last_client,
+                        rec.others_version,
+                        key,
                     )
-                    for h in batch.history
-                ],
-            )
+                )
+            if new_rows:
+                cur.executemany(sql.insert_record, new_rows)
+            if old_rows:
+                cur.executemany(sql.update_record, old_rows)
+        if batch.history:
+            rows = [
+                [
+                    known.get((h.tenant_id, h.collection, h.record_id)),
+                    h.version,
+                    h.client_id,
+                    h.mutation_id,
+                    dumps_fields(h.old),
+                    h.committed_at,
+                ]
+                for h in batch.history
+            ]
+            unknown = [h for h, row in zip(batch.history, rows, strict=True) if row[0] is None]
+            if unknown:
+                found = self._keys_of((h.tenant_id, h.collection, h.record_id) for h in unknown)
+                for h, row in zip(batch.history, rows, strict=True):
+                    if row[0] is None:
+                        row[0] = found[(h.tenant_id, h.collection, h.record_id)]
+            cur.executemany(sql.insert_history, rows)
         if batch.conflicts:
             conn.execute(conflicts.insert(), [_conflict_row(c) for c in batch.conflicts])
         if batch.resolutions:
@@ -428,7 +511,7 @@ class SqlWriteTx:
                 ],
             )
         if batch.results:
-            conn.exec_driver_sql(
+            cur.executemany(
                 sql.insert_result,
                 [
                     (r.client_id, r.client_seq, r.tenant_id, r.mutation_id, dumps(r.payload))
@@ -436,7 +519,7 @@ class SqlWriteTx:
                 ],
             )
         if batch.events:
-            conn.exec_driver_sql(
+            cur.executemany(
                 sql.insert_event,
                 [(e.event_id, e.tenant_id, dumps(e.payload), e.created_at) for e in batch.events],
             )
@@ -457,6 +540,42 @@ class SqlWriteTx:
                         last_seq=cl.last_seq,
                     )
                 )
+        if (head, keys) != (self._head, self._keys):
+            cur.execute(sql.write_state, (head, keys))
+            self._head, self._keys = head, keys
+        cur.close()
+        self._cache.committing(written, head)
+
+    def _record_keys(self, batch: BatchWrite) -> dict[tuple[str, str, str], int]:
+        """The record_key of each stored record the batch updates (more are added as
+        new records get theirs). The applier's records carry theirs; one without
+        (key 0) is looked up."""
+        known = {}
+        unknown = []
+        for r in batch.records:
+            if r.exists:
+                name = (r.tenant_id, r.collection, r.record_id)
+                if r.key:
+                    known[name] = r.key
+                else:
+                    unknown.append(name)
+        if unknown:
+            known.update(self._keys_of(unknown))
+        return known
+
+    def _keys_of(self, names: Iterable[tuple[str, str, str]]) -> dict[tuple[str, str, str], int]:
+        wanted: dict[tuple[str, str], list[str]] = {}
+        for tenant, collection, rid in names:
+            wanted.setdefault((tenant, collection), []).append(rid)
+        found = {}
+        for (tenant, collection), rids in wanted.items():
+            stored = self.load_records(tenant, collection, rids)
+            for rid in rids:
+                if rid not in stored:
+                    name = (tenant, collection, rid)
+                    raise ValueError(f"no stored record {name!r} to update or file history under")
+                found[(tenant, collection, rid)] = stored[rid].key
+        return found
 
 
 class _PgWriteTx(SqlWriteTx):
@@ -479,20 +598,62 @@ def _get_client(conn: Connection, client_id: str) -> ClientRow | None:
     return ClientRow(row.client_id, row.tenant_id, row.sub, row.last_seq, exists=True)
 
 
+def _fetch(conn: Connection, sql: str, params: Sequence[Any]) -> Sequence[Any]:
+    """Rows of driver SQL on the connection's DBAPI cursor, as plain tuples.
+
+    The hot reads of a batch skip SQLAlchemy's statement compilation and row
+    objects, which cost more than the database's own work there.
+    """
+    cur = conn.connection.cursor()
+    try:
+        cur.execute(sql, params)
+        return cur.fetchall()
+    finally:
+        cur.close()
+
+
 def _load_records(
-    conn: Connection, tenant_id: str, collection: str, record_ids: Sequence[str]
+    conn: Connection, sql: _Statements, tenant_id: str, collection: str, record_ids: Sequence[str]
 ) -> dict[str, StoredRecord]:
     out: dict[str, StoredRecord] = {}
     ids = list(dict.fromkeys(record_ids))
     for chunk in chunks(ids):
-        q = select(records).where(
-            records.c.tenant_id == tenant_id,
-            records.c.collection == collection,
-            records.c.record_id.in_(chunk),
-        )
-        for row in conn.execute(q):
-            out[row.record_id] = _record_from_row(row)
+        for row in _fetch(conn, sql.select_records(len(chunk)), (tenant_id, collection, *chunk)):
+            out[row[0]] = _record_from_tuple(tenant_id, collection, row)
     return out
+
+
+def _record_from_tuple(tenant_id: str, collection: str, row: Sequence[Any]) -> StoredRecord:
+    """A records row read as _RECORD_READ lists its columns."""
+    (
+        rid,
+        key,
+        version,
+        deleted,
+        fields,
+        field_versions,
+        floor,
+        updated_at,
+        updated_by,
+        last_client,
+        others_version,
+    ) = row
+    return StoredRecord(
+        tenant_id,
+        collection,
+        rid,
+        version,
+        bool(deleted),
+        loads_fields(fields),
+        _loads(field_versions),
+        floor,
+        updated_at,
+        updated_by,
+        True,
+        last_client,
+        others_version,
+        key,
+    )
 
 
 def _record_from_row(row: Any) -> StoredRecord:
@@ -502,12 +663,15 @@ def _record_from_row(row: Any) -> StoredRecord:
         record_id=row.record_id,
         version=row.version,
         deleted=bool(row.deleted),
-        fields=decode_fields(json.loads(row.fields)),
-        field_versions=json.loads(row.field_versions),
+        fields=loads_fields(row.fields),
+        field_versions=_loads(row.field_versions),
         history_floor=row.history_floor,
         updated_at=row.updated_at,
         updated_by=row.updated_by,
         exists=True,
+        last_client=row.last_client_id,
+        others_version=row.others_version,
+        key=row.record_key,
     )
 
 

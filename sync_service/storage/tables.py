@@ -23,7 +23,11 @@ from sqlalchemy import (
 metadata = MetaData()
 
 # The current state of each record, with its feed position (the change log the
-# feed reads: a record's latest change, tombstones included).
+# feed reads: a record's latest change, tombstones included). `record_key` is
+# the record's integer name (unique, never reused) that its history is filed
+# under; `last_client_id` made its latest change and `others_version` is the
+# latest version made by any other client, so a writer can tell from the row
+# whether anybody else changed it since a base ('' is an unknown client).
 records = Table(
     "records",
     metadata,
@@ -38,22 +42,34 @@ records = Table(
     Column("updated_at", BigInteger, nullable=False),
     Column("updated_by", String(500), nullable=False),
     Column("feed_seq", BigInteger, nullable=False),
+    Column("record_key", BigInteger, nullable=False),
+    Column("last_client_id", String(200), nullable=False),
+    Column("others_version", BigInteger, nullable=False),
     Index("ix_records_feed", "tenant_id", "feed_seq"),
-    Index("ix_records_feed_global", "feed_seq"),
+    Index("ux_records_key", "record_key", unique=True),
 )
 
-# One row per committed version: the values it replaced (SPEC §1's history).
+# One row per committed version of a record (by its record_key): who made it
+# and the values it replaced (SPEC §1's history).
 record_history = Table(
     "record_history",
     metadata,
-    Column("tenant_id", String(200), primary_key=True),
-    Column("collection", String(200), primary_key=True),
-    Column("record_id", String(500), primary_key=True),
+    Column("record_key", BigInteger, primary_key=True),
     Column("version", BigInteger, primary_key=True),
     Column("client_id", String(200), nullable=False),
     Column("mutation_id", String(200), nullable=False),
     Column("old", Text, nullable=False),
     Column("committed_at", BigInteger, nullable=False),
+)
+
+# One row (id 1): the feed position and the record key handed out last, both
+# moved only under the write lock.
+sync_state = Table(
+    "sync_state",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("feed_head", BigInteger, nullable=False),
+    Column("record_keys", BigInteger, nullable=False),
 )
 
 # The per-client sequence: which (tenant, sub) owns a client id, and the last
