@@ -143,6 +143,11 @@ class SyncApp:
         if self.notifier is not None:
             self.notifier.close()
 
+    async def subscriptions_ended(self, timeout: float) -> None:
+        if self.servicer is not None:
+            await self.servicer.subscriptions_ended(timeout)
+            await asyncio.sleep(0)  # and gRPC's own task around each, one step behind
+
     async def stop_relay(self) -> None:
         if self.relay_task is not None:
             self.relay_task.cancel()
@@ -173,6 +178,7 @@ async def serve(config: SyncConfig) -> None:
     await set_health(health_servicer, names, NOT_SERVING)
     app.begin_shutdown()
     await server.stop(config.shutdown_grace_seconds)
+    await app.subscriptions_ended(config.shutdown_grace_seconds)
     await app.stop_relay()
     app.close()
     log.info("stopped")

@@ -17,7 +17,8 @@ from typing import Any
 
 import grpc
 
-from fieldsync.errors import InvalidArgument, Reason
+from fieldsync.auth import Principal
+from fieldsync.errors import FieldSyncError, InvalidArgument, Reason
 from fieldsync.interceptors import current_principal
 from fieldsync.v1 import common_pb2, sync_pb2, sync_pb2_grpc
 from fieldsync.values import fields_from_proto
@@ -29,7 +30,7 @@ from sync_service.convert import (
     record_to_proto,
 )
 from sync_service.feed import ChangeNotifier, decode_cursor, encode_cursor
-from sync_service.model import BatchIn
+from sync_service.model import BatchIn, BatchOutcome
 from sync_service.storage.base import Storage, StoredRecord
 
 log = logging.getLogger("fieldsync.sync")
@@ -64,7 +65,18 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         self._page = pull_page_size
         self._poll = subscribe_poll_seconds
         self._stopping = asyncio.Event()
+        self._subscriptions: set[asyncio.Task[Any]] = set()
         self._writes = asyncio.Semaphore(MAX_WRITES_IN_FLIGHT)
+
+    async def subscriptions_ended(self, timeout: float) -> None:
+        """Wait (at most `timeout`) until the Subscribe handlers have returned.
+
+        The server can finish stopping while one still unwinds (its client
+        already hung up); ending the event loop under it would cancel it with
+        a traceback in the log.
+        """
+        if self._subscriptions:
+            await asyncio.wait(set(self._subscriptions), timeout=timeout)
 
     def begin_shutdown(self) -> None:
         """End the open Subscribe streams: they never finish on their own."""
@@ -75,9 +87,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
     ) -> sync_pb2.ApplyBatchResponse:
         principal = current_principal()
         batch = batch_from_proto(request.batch)
-        async with self._writes:
-            outcome = await asyncio.to_thread(self._applier.apply_batch, principal, batch)
-        self._notifier.notify()
+        outcome = await self._apply(principal, batch)
         return sync_pb2.ApplyBatchResponse(result=batch_outcome_to_proto(outcome))
 
     async def Sync(
@@ -102,29 +112,87 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                 last_applied_seq=last, server_schema_version=self._applier.schema.version
             )
         )
-        # One batch at a time: the next is read only after this one is answered,
-        # so gRPC flow control holds a fast sender back and memory stays flat.
-        async for req in request_iterator:
-            if req.WhichOneof("message") != "batch":
-                raise InvalidArgument(
-                    Reason.INVALID_REQUEST,
-                    "after the hello, a Sync stream carries batches only",
-                    violations=[("batch", "expected")],
-                )
-            batch = batch_from_proto(req.batch)
-            if batch.client_id and batch.client_id != client_id:
-                raise InvalidArgument(
-                    Reason.CLIENT_ID_MISMATCH,
-                    f"batch client_id {batch.client_id!r} differs from the hello's",
-                    violations=[("batch.client_id", "must equal hello.client_id")],
-                )
-            batch = BatchIn(
-                client_id, batch.schema_version or first.hello.schema_version, batch.mutations
+        # Batches apply one at a time, in order, each answered as soon as it is
+        # applied (a client may wait for an answer before it sends more). While
+        # one applies (in a worker thread, much of it inside the database), the
+        # event loop reads and decodes the next; if that one is already here
+        # when the first is done, it starts applying before the first's answer
+        # is built. At most two batches are held, so gRPC flow control still
+        # holds a fast sender back and memory stays flat.
+        schema_version = first.hello.schema_version
+        requests = aiter(request_iterator)
+
+        def read_ahead() -> asyncio.Future[BatchIn | None]:
+            return asyncio.ensure_future(self._next_batch(requests, client_id, schema_version))
+
+        reader = read_ahead()
+        running: asyncio.Future[BatchOutcome] | None = None
+        try:
+            while True:
+                if running is None:
+                    batch = await reader  # nothing is applying: wait for the client
+                    if batch is None:
+                        return
+                    running = asyncio.ensure_future(self._apply(principal, batch))
+                    reader = read_ahead()
+                outcome = await running
+                running = None
+                refused: FieldSyncError | None = None
+                done = False
+                if reader.done():
+                    try:
+                        batch = reader.result()
+                    except FieldSyncError as err:
+                        refused = err  # a bad next message: this batch still gets its answer
+                    else:
+                        if batch is None:
+                            done = True
+                        else:
+                            running = asyncio.ensure_future(self._apply(principal, batch))
+                            reader = read_ahead()
+                yield sync_pb2.SyncResponse(result=batch_outcome_to_proto(outcome))
+                if refused is not None:
+                    raise refused
+                if done:
+                    return
+        finally:
+            if reader.done():
+                if not reader.cancelled():
+                    reader.exception()  # seen: it ends the stream or came too late to matter
+            else:
+                reader.cancel()
+            if running is not None and not running.done():
+                # The stream ended early: the batch applies anyway (it is durable,
+                # and a resend is answered DUPLICATE); nobody waits for it.
+                running.add_done_callback(_log_failure)
+
+    async def _next_batch(
+        self, requests: AsyncIterator[sync_pb2.SyncRequest], client_id: str, schema_version: int
+    ) -> BatchIn | None:
+        """The stream's next batch, decoded (None when the client is done sending)."""
+        req = await anext(requests, None)
+        if req is None:
+            return None
+        if req.WhichOneof("message") != "batch":
+            raise InvalidArgument(
+                Reason.INVALID_REQUEST,
+                "after the hello, a Sync stream carries batches only",
+                violations=[("batch", "expected")],
             )
-            async with self._writes:
-                outcome = await asyncio.to_thread(self._applier.apply_batch, principal, batch)
-            self._notifier.notify()
-            yield sync_pb2.SyncResponse(result=batch_outcome_to_proto(outcome))
+        batch = batch_from_proto(req.batch)
+        if batch.client_id and batch.client_id != client_id:
+            raise InvalidArgument(
+                Reason.CLIENT_ID_MISMATCH,
+                f"batch client_id {batch.client_id!r} differs from the hello's",
+                violations=[("batch.client_id", "must equal hello.client_id")],
+            )
+        return BatchIn(client_id, batch.schema_version or schema_version, batch.mutations)
+
+    async def _apply(self, principal: Principal, batch: BatchIn) -> BatchOutcome:
+        async with self._writes:
+            outcome = await asyncio.to_thread(self._applier.apply_batch, principal, batch)
+        self._notifier.notify()
+        return outcome
 
     async def Pull(
         self, request: sync_pb2.PullRequest, context: Ctx
@@ -154,23 +222,29 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         tenant = current_principal().tenant_id
         position = decode_cursor(request.cursor)
         collections = list(request.collections)
-        while True:
-            woken = self._notifier.snapshot()  # before the read: no wake-up is lost
-            rows = await asyncio.to_thread(
-                self._storage.pull, tenant, position, collections, self._page
-            )
-            if rows:
-                position = rows[-1][0]
-                yield sync_pb2.SubscribeResponse(
-                    changes=_records(r for _, r in rows), cursor=encode_cursor(position)
+        task = asyncio.current_task()
+        assert task is not None
+        self._subscriptions.add(task)
+        try:
+            while True:
+                woken = self._notifier.snapshot()  # before the read: no wake-up is lost
+                rows = await asyncio.to_thread(
+                    self._storage.pull, tenant, position, collections, self._page
                 )
-                if len(rows) == self._page:
-                    continue
-            if self._stopping.is_set():
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE, "the server is shutting down; resubscribe"
-                )
-            await self._notifier.wait(woken, self._poll)
+                if rows:
+                    position = rows[-1][0]
+                    yield sync_pb2.SubscribeResponse(
+                        changes=_records(r for _, r in rows), cursor=encode_cursor(position)
+                    )
+                    if len(rows) == self._page:
+                        continue
+                if self._stopping.is_set():
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, "the server is shutting down; resubscribe"
+                    )
+                await self._notifier.wait(woken, self._poll)
+        finally:
+            self._subscriptions.discard(task)
 
     async def GetRecords(
         self, request: sync_pb2.GetRecordsRequest, context: Ctx
@@ -244,6 +318,11 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                 f"the schema has no collection {name!r}",
                 violations=[(field, "not in the schema")],
             )
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and (err := task.exception()) is not None:
+        log.warning("a batch of a closed Sync stream failed: %r", err)
 
 
 def _records(records: Iterable[StoredRecord]) -> list[common_pb2.Record]:

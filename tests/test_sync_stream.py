@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -73,6 +74,57 @@ def test_a_batch_under_another_client_id_ends_the_stream_and_applies_nothing(
         list(sync_env.stub.Sync(mixed(), metadata=c.metadata))
     assert rpc_reason(info.value) == "CLIENT_ID_MISMATCH"
     assert c.get("x") is None
+
+
+def test_a_client_that_waits_for_each_answer_before_sending_more_is_answered(
+    sync_env: SyncEnv,
+) -> None:
+    """Lock-step: the service must answer a batch without waiting for the next."""
+    c = sync_env.client()
+    answered: queue.Queue[int] = queue.Queue()
+
+    def lock_step() -> Iterator[sync_pb2.SyncRequest]:
+        yield sync_pb2.SyncRequest(hello=sync_pb2.SyncHello(client_id=c.client_id))
+        answered.get(timeout=10)  # the welcome
+        for seq in range(1, 4):
+            yield sync_pb2.SyncRequest(
+                batch=sync_pb2.MutationBatch(
+                    client_id=c.client_id, mutations=[mut(seq, f"r{seq}", {"title": "t"}, op=PUT)]
+                )
+            )
+            assert answered.get(timeout=10) == seq
+
+    seen = []
+    for r in sync_env.stub.Sync(lock_step(), metadata=c.metadata, timeout=30):
+        seq = r.result.last_applied_seq if r.WhichOneof("message") == "result" else 0
+        seen.append(seq)
+        answered.put(seq)
+    assert seen == [0, 1, 2, 3]
+
+
+def test_a_bad_message_after_good_batches_ends_the_stream_after_their_answers(
+    sync_env: SyncEnv,
+) -> None:
+    """The service reads ahead while a batch applies: a bad message behind good
+    batches must not cost them their answers, nor apply anything of its own."""
+    c = sync_env.client()
+
+    def then_bad() -> Iterator[sync_pb2.SyncRequest]:
+        yield from _stream(c.client_id, [[mut(1, "a", {"title": "a"}, op=PUT)]])
+        yield sync_pb2.SyncRequest(
+            batch=sync_pb2.MutationBatch(client_id=c.client_id, mutations=[mut(2, "b", {})])
+        )
+        yield sync_pb2.SyncRequest(hello=sync_pb2.SyncHello(client_id=c.client_id))
+        yield from _stream(c.client_id, [[mut(3, "c", {"title": "c"}, op=PUT)]])
+
+    responses = []
+    with pytest.raises(grpc.RpcError) as info:
+        for r in sync_env.stub.Sync(then_bad(), metadata=c.metadata):
+            responses.append(r)
+    assert rpc_reason(info.value) == "INVALID_REQUEST"
+    assert [r.WhichOneof("message") for r in responses] == ["welcome", "result", "result"]
+    assert [r.result.last_applied_seq for r in responses[1:]] == [1, 2]
+    assert c.get("a") is not None and c.get("c") is None
 
 
 def test_a_hello_under_another_users_client_id_is_refused(sync_env: SyncEnv) -> None:
