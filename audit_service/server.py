@@ -22,7 +22,7 @@ from audit_service.storage import SqlAuditStorage
 from audit_service.tail import CommitSignal
 from fieldsync.auth import TokenVerifier
 from fieldsync.interceptors import FieldSyncInterceptor
-from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event
+from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event, tune_gc
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 
 __all__ = ["SERVICE_NAME", "AuditApp", "serve"]
@@ -91,6 +91,7 @@ async def serve(config: AuditConfig) -> None:
     # Signals first: a SIGTERM during startup (migrations) still ends gracefully.
     stop = stop_event()
     app = AuditApp.from_config(config)
+    tune_gc()
     try:
         server = grpc.aio.server(interceptors=app.interceptors(), options=app.server_options())
         health_servicer = app.add_services(server)

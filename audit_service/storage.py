@@ -38,7 +38,8 @@ from audit_service.model import (
 )
 from audit_service.tables import audit_events
 from fieldsync.audit_kinds import EventKind
-from fieldsync.db import chunks, dumps, normalize_url, open_engines, upgrade_schema
+from fieldsync.db import chunks, normalize_url, open_engines, upgrade_schema
+from fieldsync.jsontext import dumps
 from fieldsync.values import decode_fields, encode_fields
 
 __all__ = ["MIGRATIONS", "AuditStorage", "SqlAuditStorage"]

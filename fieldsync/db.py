@@ -11,7 +11,6 @@ Nothing here knows any table.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -27,9 +26,6 @@ _T = TypeVar("_T")
 
 CHUNK = 500
 """Bound parameters per IN list."""
-
-# One encoder for every row: json.dumps with options builds a new one per call.
-dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def chunks(items: Sequence[_T], size: int = CHUNK) -> Iterator[Sequence[_T]]:

@@ -1,4 +1,4 @@
-"""The process scaffolding both services share: stop signals, listening, health.
+"""The process scaffolding both services share: stop signals, listening, health, GC.
 
 Each service's `serve` builds its own app; what every service process does the
 same way lives here: SIGTERM/SIGINT set an event (installed before the slow
@@ -11,6 +11,7 @@ name), and the same names go NOT_SERVING again when the stop begins.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Sequence
 
@@ -19,6 +20,20 @@ from grpc_health.v1 import health, health_pb2
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def tune_gc() -> None:
+    """Run the cycle collector far less often than Python's default.
+
+    A batch allocates tens of thousands of short-lived objects, freed by
+    reference counting (they hold no cycles); at the default threshold (700
+    allocations) the collector ran dozens of times a batch and, now and then,
+    walked every object the process holds (its record cache included): 22%
+    of a reconnect's time. Call it once the service is built: what exists by
+    then (modules, schema, configuration) is frozen out of every collection.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 10)
 
 
 def stop_event() -> asyncio.Event:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from fieldsync.v1 import common_pb2, sync_pb2
 from fieldsync.values import fields_from_proto, fields_to_proto, to_proto
 from sync_service.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome
@@ -9,19 +11,25 @@ from sync_service.storage.base import StoredConflict, StoredRecord
 
 
 def mutation_from_proto(pm: sync_pb2.Mutation) -> MutationIn:
-    ct = pm.client_time
+    # Positional, and maps read only when set: this runs for every mutation.
+    fields = pm.fields
+    base_fields = pm.base_fields
     return MutationIn(
-        mutation_id=pm.mutation_id,
-        client_seq=pm.client_seq,
-        op=pm.op,
-        collection=pm.collection,
-        record_id=pm.record_id,
-        fields=fields_from_proto(pm.fields),
-        base_version=pm.base_version,
-        client_time=(ct.seconds * 1_000_000_000 + ct.nanos) if pm.HasField("client_time") else None,
-        base_fields=fields_from_proto(pm.base_fields),
-        resolves_conflict_id=pm.resolves_conflict_id,
+        pm.mutation_id,
+        pm.client_seq,
+        pm.op,
+        pm.collection,
+        pm.record_id,
+        fields_from_proto(fields) if fields else {},
+        pm.base_version,
+        _nanos(pm.client_time) if pm.HasField("client_time") else None,
+        fields_from_proto(base_fields) if base_fields else {},
+        pm.resolves_conflict_id,
     )
+
+
+def _nanos(ts: Timestamp) -> int:
+    return ts.seconds * 1_000_000_000 + ts.nanos
 
 
 def batch_from_proto(pb: sync_pb2.MutationBatch) -> BatchIn:
@@ -38,8 +46,8 @@ def record_to_proto(rec: StoredRecord, out: common_pb2.Record) -> None:
     out.version = rec.version
     out.deleted = rec.deleted
     fields_to_proto(rec.fields, out.fields)
-    out.updated_at.seconds = rec.updated_at // 1_000_000_000
-    out.updated_at.nanos = rec.updated_at % 1_000_000_000
+    ts = out.updated_at
+    ts.seconds, ts.nanos = divmod(rec.updated_at, 1_000_000_000)
     out.updated_by = rec.updated_by
 
 
@@ -79,6 +87,7 @@ def outcome_to_proto(o: MutationOutcome, out: sync_pb2.MutationResult) -> None:
 
 def batch_outcome_to_proto(bo: BatchOutcome) -> sync_pb2.BatchResult:
     out = sync_pb2.BatchResult(last_applied_seq=bo.last_applied_seq)
+    add = out.results.add
     for o in bo.results:
-        outcome_to_proto(o, out.results.add())
+        outcome_to_proto(o, add())
     return out

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fieldsync.auth import TokenVerifier
 from fieldsync.interceptors import FieldSyncInterceptor
-from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event
+from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event, tune_gc
 from fieldsync.v1 import sync_pb2, sync_pb2_grpc
 from sync_service.apply import Applier
 from sync_service.config import SyncConfig
@@ -164,6 +164,7 @@ async def serve(config: SyncConfig) -> None:
     # Signals first: a SIGTERM during startup (migrations) still ends gracefully.
     stop = stop_event()
     app = SyncApp.from_config(config)
+    tune_gc()
     server = grpc.aio.server(interceptors=app.interceptors(), options=app.server_options())
     health_servicer = app.add_services(server)
     names = ("", SERVICE_NAME)

@@ -15,7 +15,8 @@ from alembic.config import Config
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from fieldsync.db import dumps, normalize_url
+from fieldsync.db import normalize_url
+from fieldsync.jsontext import dumps
 from fieldsync.values import Timestamp, encode_fields
 from sync_service.merge import Change
 from sync_service.storage import SqlStorage

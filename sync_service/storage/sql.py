@@ -42,7 +42,8 @@ from sqlalchemy import (
     select,
 )
 
-from fieldsync.db import chunks, dumps, normalize_url, open_engines, upgrade_schema
+from fieldsync.db import chunks, normalize_url, open_engines, upgrade_schema
+from fieldsync.jsontext import dumps
 from fieldsync.values import decode, dumps_fields, encode, loads_fields
 from sync_service.merge import Change
 from sync_service.storage.base import (
