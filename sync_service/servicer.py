@@ -203,18 +203,41 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         collections = list(request.collections)
         # Pages up to the head as it stood at the start: a busy tenant still ends.
         head = await asyncio.to_thread(self._storage.feed_head, tenant)
-        while True:
-            rows = await asyncio.to_thread(self._storage.pull, tenant, position, collections, page)
-            if rows:
-                position = rows[-1][0]
-            caught_up = len(rows) < page or position >= head
-            yield sync_pb2.PullResponse(
-                changes=_records(r for _, r in rows),
-                cursor=encode_cursor(position),
-                caught_up=caught_up,
+
+        def fetch(after: int) -> asyncio.Future[tuple[sync_pb2.PullResponse, int, int]]:
+            return asyncio.ensure_future(
+                asyncio.to_thread(self._pull_page, tenant, after, collections, page)
             )
-            if caught_up:
-                return
+
+        # Each page is read and encoded in a worker thread, the next one while
+        # this one is sent.
+        pending = fetch(position)
+        try:
+            while True:
+                out, count, last = await pending
+                position = last or position
+                caught_up = count < page or position >= head
+                if not caught_up:
+                    pending = fetch(position)
+                out.cursor = encode_cursor(position)
+                out.caught_up = caught_up
+                yield out
+                if caught_up:
+                    return
+        finally:
+            if not pending.done():
+                pending.add_done_callback(_log_failure)
+
+    def _pull_page(
+        self, tenant: str, after: int, collections: list[str], limit: int
+    ) -> tuple[sync_pb2.PullResponse, int, int]:
+        """A page of the feed after `after`, as a response: (it, records, last position)."""
+        rows = self._storage.pull(tenant, after, collections, limit)
+        out = sync_pb2.PullResponse()
+        add = out.changes.add
+        for _, rec in rows:
+            record_to_proto(rec, add())
+        return out, len(rows), rows[-1][0] if rows else 0
 
     async def Subscribe(
         self, request: sync_pb2.SubscribeRequest, context: Ctx
@@ -321,8 +344,9 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
+    """For work a closed stream left running: nobody waits for it, but a failure is said."""
     if not task.cancelled() and (err := task.exception()) is not None:
-        log.warning("a batch of a closed Sync stream failed: %r", err)
+        log.warning("work left behind by a closed stream failed: %r", err)
 
 
 def _records(records: Iterable[StoredRecord]) -> list[common_pb2.Record]:

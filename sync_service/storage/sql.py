@@ -224,16 +224,20 @@ class SqlStorage:
     def pull(
         self, tenant_id: str, after: int, collections: Sequence[str], limit: int
     ) -> list[tuple[int, StoredRecord]]:
-        q = (
-            select(records)
-            .where(records.c.tenant_id == tenant_id, records.c.feed_seq > after)
-            .order_by(records.c.feed_seq)
-            .limit(limit)
+        ph = self._statements.ph
+        sql = (
+            f"SELECT feed_seq, collection, {_RECORD_READ} FROM records"
+            f" WHERE tenant_id = {ph} AND feed_seq > {ph}"
         )
+        params: list[Any] = [tenant_id, after]
         if collections:
-            q = q.where(records.c.collection.in_(list(collections)))
+            sql += f" AND collection IN ({self._statements.marks(len(collections))})"
+            params += collections
+        sql += f" ORDER BY feed_seq LIMIT {ph}"
+        params.append(limit)
         with self._read.connect() as conn:
-            return [(row.feed_seq, _record_from_row(row)) for row in conn.execute(q)]
+            rows = _fetch(conn, sql, params)
+        return [(row[0], _record_from_tuple(tenant_id, row[1], row[2:])) for row in rows]
 
     def feed_head(self, tenant_id: str) -> int:
         q = select(func.coalesce(func.max(records.c.feed_seq), 0)).where(
