@@ -310,6 +310,9 @@ class _JwksFile:
             log.info("JWKS file %s reloaded: kids %s", self._path, sorted(self._keys))
 
 
+_VERIFIED_CACHE = 10_000  # tokens remembered as verified, at most
+
+
 def _invalid(message: str) -> Unauthenticated:
     return Unauthenticated(Reason.INVALID_TOKEN, message)
 
@@ -334,6 +337,12 @@ class TokenVerifier:
         # The required claims: PyJWT checks presence; the audience and issuer
         # arguments below check the values.
         self._require = ["exp", "aud"] + (["iss"] if config.issuer else [])
+        # Tokens verified lately: token -> (principal, the key that verified it,
+        # the instant it expires). A client sends the same token on every call
+        # until it refreshes it, and checking a signature is a good part of a
+        # small call. Only time can turn a verified token bad (it expires), or
+        # the key leaving the key set: a hit checks both.
+        self._verified: dict[str, tuple[Principal, _Key, float]] = {}
 
     def verify(self, token: str) -> Principal:
         """The token's principal, or Unauthenticated (TOKEN_EXPIRED or INVALID_TOKEN).
@@ -341,6 +350,17 @@ class TokenVerifier:
         Error messages say what is wrong and never repeat any part of the token.
         """
         key = self._key_for(token)
+        hit = self._verified.get(token)
+        if hit is not None and hit[1] is key and time.time() < hit[2]:
+            return hit[0]
+        principal, expires = self._verify(token, key)
+        if len(self._verified) >= _VERIFIED_CACHE:
+            self._verified.clear()  # a flood of distinct tokens: start over, rarely
+        self._verified[token] = (principal, key, expires)
+        return principal
+
+    def _verify(self, token: str, key: _Key) -> tuple[Principal, float]:
+        """The principal and the instant (with leeway) the token stops being valid."""
         try:
             claims = jwt.decode(
                 token,
@@ -380,7 +400,8 @@ class TokenVerifier:
             # Anything else PyJWT or the crypto backend refuses: a bad token,
             # not a server fault, and its text could quote the token.
             raise _invalid("the token is invalid") from None
-        return _principal_from(claims)
+        # PyJWT refuses a token once exp <= now - leeway.
+        return _principal_from(claims), float(claims["exp"]) + self._config.leeway_seconds
 
     def _key_for(self, token: str) -> _Key:
         if self._fixed is not None:

@@ -396,6 +396,19 @@ def test_leeway_accepts_a_token_just_expired(keys: Keys) -> None:
     assert verifier.verify(keys.hs(claims(exp=int(time.time()) - 5))).sub == "user-1"
 
 
+def test_a_token_verified_before_is_still_refused_once_it_expires(keys: Keys) -> None:
+    """The verifier remembers tokens it verified; expiry must still apply to them."""
+    verifier = TokenVerifier(AuthConfig(secret=SECRET))
+    exp = int(time.time()) + 2
+    token = keys.hs(claims(exp=exp))
+    assert verifier.verify(token).sub == "user-1"
+    assert verifier.verify(token).sub == "user-1"  # remembered
+    time.sleep(max(0.0, exp - time.time()) + 0.05)
+    with pytest.raises(Unauthenticated) as caught:
+        verifier.verify(token)
+    assert caught.value.reason == Reason.TOKEN_EXPIRED
+
+
 # ---------------------------------------------------------------- bad tokens
 
 
@@ -582,6 +595,19 @@ def test_jwks_rotation_is_picked_up_without_restart(keys: Keys, jwks_file: Path)
         # A broken rewrite keeps the last good keys rather than locking everyone out.
         jwks_file.write_text("{ half written")
         assert probe.call("Whoami", new) == "tenant-a/rotated/editor"
+
+
+def test_a_new_key_under_an_old_kid_refuses_tokens_the_old_key_signed(
+    keys: Keys, jwks_file: Path
+) -> None:
+    """Even a token verified (and remembered) a moment before the key changed."""
+    with probe_server(AuthConfig(jwks_path=str(jwks_file))) as probe:
+        old = keys.es(claims(), kid="ec-1")
+        assert probe.call("Whoami", old) == "tenant-a/user-1/editor"
+        write_jwks(jwks_file, jwk_of(keys.ec_other, "ec-1"))
+        assert failure(lambda: probe.call("Whoami", old)).reason == Reason.INVALID_TOKEN
+        new = keys.es(claims(sub="rekeyed"), other=True, kid="ec-1")
+        assert probe.call("Whoami", new) == "tenant-a/rekeyed/editor"
 
 
 def test_jwks_key_stating_its_alg_is_held_to_it(keys: Keys, tmp_path: Path) -> None:

@@ -59,7 +59,6 @@ from sync_service.storage.base import (
 from sync_service.storage.cache import RecordCache
 from sync_service.storage.pg_notify import notify_feed
 from sync_service.storage.tables import (
-    clients,
     conflicts,
     outbox,
     records,
@@ -104,6 +103,9 @@ class _Statements:
     insert_history: str
     insert_result: str
     insert_event: str
+    select_client: str
+    insert_client: str
+    update_client: str
 
     @classmethod
     def for_paramstyle(cls, paramstyle: str) -> _Statements:
@@ -132,6 +134,9 @@ class _Statements:
                 ("client_id", "client_seq", "tenant_id", "mutation_id", "result"),
             ),
             insert_event=insert("outbox", ("event_id", "tenant_id", "payload", "created_at")),
+            select_client=f"SELECT tenant_id, sub, last_seq FROM clients WHERE client_id = {ph}",
+            insert_client=insert("clients", ("client_id", "tenant_id", "sub", "last_seq")),
+            update_client=f"UPDATE clients SET last_seq = {ph} WHERE client_id = {ph}",
         )
 
     def marks(self, n: int) -> str:
@@ -281,7 +286,7 @@ class SqlStorage:
 
     def get_client(self, client_id: str) -> ClientRow | None:
         with self._read.connect() as conn:
-            return _get_client(conn, client_id)
+            return _get_client(conn, self._statements, client_id)
 
     def outbox_depth(self) -> tuple[int, int | None]:
         q = select(func.count(), func.min(outbox.c.created_at))
@@ -365,7 +370,7 @@ class SqlWriteTx:
         cache.begin(self._head)
 
     def get_client(self, client_id: str) -> ClientRow | None:
-        return _get_client(self._conn, client_id)
+        return _get_client(self._conn, self._sql, client_id)
 
     def load_results(self, client_id: str, seqs: Sequence[int]) -> dict[int, StoredResult]:
         if not seqs:
@@ -531,20 +536,9 @@ class SqlWriteTx:
         if batch.client is not None:
             cl = batch.client
             if cl.exists:
-                conn.execute(
-                    clients.update()
-                    .where(clients.c.client_id == cl.client_id)
-                    .values(last_seq=cl.last_seq)
-                )
+                cur.execute(sql.update_client, (cl.last_seq, cl.client_id))
             else:
-                conn.execute(
-                    clients.insert().values(
-                        client_id=cl.client_id,
-                        tenant_id=cl.tenant_id,
-                        sub=cl.sub,
-                        last_seq=cl.last_seq,
-                    )
-                )
+                cur.execute(sql.insert_client, (cl.client_id, cl.tenant_id, cl.sub, cl.last_seq))
         if (head, keys) != (self._head, self._keys):
             cur.execute(sql.write_state, (head, keys))
             self._head, self._keys = head, keys
@@ -596,11 +590,12 @@ class _PgWriteTx(SqlWriteTx):
 # -- row mapping ---------------------------------------------------------------
 
 
-def _get_client(conn: Connection, client_id: str) -> ClientRow | None:
-    row = conn.execute(select(clients).where(clients.c.client_id == client_id)).first()
-    if row is None:
+def _get_client(conn: Connection, sql: _Statements, client_id: str) -> ClientRow | None:
+    rows = _fetch(conn, sql.select_client, (client_id,))
+    if not rows:
         return None
-    return ClientRow(row.client_id, row.tenant_id, row.sub, row.last_seq, exists=True)
+    tenant_id, sub, last_seq = rows[0]
+    return ClientRow(client_id, tenant_id, sub, last_seq, exists=True)
 
 
 def _fetch(conn: Connection, sql: str, params: Sequence[Any]) -> Sequence[Any]:
