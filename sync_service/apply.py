@@ -108,6 +108,29 @@ class Applier:
     # -- batches ----------------------------------------------------------------
 
     def apply_batch(self, principal: Principal, batch: BatchIn) -> BatchOutcome:
+        return self.apply_batches(principal, [batch])[0]
+
+    def apply_batches(self, principal: Principal, batches: list[BatchIn]) -> list[BatchOutcome]:
+        """Consecutive batches of one client in one transaction, answered one by one.
+
+        The Sync stream groups the batches that are already waiting (group
+        commit): they are applied in order, each stopping at its own gap,
+        with one commit, and each gets the answer it would have got alone.
+        """
+        for batch in batches:
+            self.check_batch(batch)
+        client_ids = {b.client_id for b in batches}
+        if len(client_ids) != 1:
+            raise ValueError(f"one client's batches only, not {sorted(client_ids)}")
+        with self._storage.write_transaction() as tx:
+            client = _claim_client(tx, principal, batches[0].client_id)
+            run = _BatchRun(self, tx, principal, client, batches[0].schema_version)
+            outcomes = run.apply(batches)
+            run.flush()
+        return outcomes
+
+    def check_batch(self, batch: BatchIn) -> None:
+        """The checks of a batch as a whole (InvalidArgument), before anything is read."""
         if not batch.client_id or len(batch.client_id) > MAX_ID_LENGTH:
             raise InvalidArgument(
                 Reason.MISSING_CLIENT_ID,
@@ -120,12 +143,10 @@ class Applier:
                 f"{len(batch.mutations)} mutations in one batch; the limit is {self._max_batch}",
                 violations=[("batch.mutations", f"at most {self._max_batch}")],
             )
-        with self._storage.write_transaction() as tx:
-            client = _claim_client(tx, principal, batch.client_id)
-            run = _BatchRun(self, tx, principal, client, batch.schema_version)
-            outcome = run.apply(batch.mutations)
-            run.flush()
-        return outcome
+
+    @property
+    def max_batch(self) -> int:
+        return self._max_batch
 
     def last_applied_seq(self, principal: Principal, client_id: str) -> int:
         """What the server has from this client (0 for a new one); checks ownership."""
@@ -238,6 +259,8 @@ class _BatchRun:
     out: BatchWrite = field(default_factory=BatchWrite)
     touched: dict[tuple[str, str], StoredRecord] = field(default_factory=dict)
     seen: dict[int, MutationOutcome] = field(default_factory=dict)
+    result_keys: dict[int, tuple[str, str]] = field(default_factory=dict)  # seq -> its record
+    batch_first_seq: int = 0  # the first sequence the batch being applied may apply
 
     def __post_init__(self) -> None:
         self.now = self.applier._clock()
@@ -248,34 +271,43 @@ class _BatchRun:
 
     # -- the batch --------------------------------------------------------------
 
-    def apply(self, mutations: list[MutationIn]) -> BatchOutcome:
+    def apply(self, batches: list[BatchIn]) -> list[BatchOutcome]:
+        """Apply consecutive batches; each stops at its own gap (the next goes on)."""
         expected = self.client.last_seq + 1
-        replays, fresh = [], []
-        for m in mutations:
-            if m.client_seq < expected:
-                replays.append(m)
-            elif m.client_seq == expected:
-                fresh.append(m)
-                expected += 1
-            else:
-                break  # a gap: the client resends from last_applied_seq + 1
-        handled = len(replays) + len(fresh)
+        replays, fresh, handled = [], [], []
+        for batch in batches:
+            n = 0
+            for m in batch.mutations:
+                if m.client_seq < expected:
+                    replays.append(m)
+                elif m.client_seq == expected:
+                    fresh.append(m)
+                    expected += 1
+                else:
+                    break  # a gap: the client resends from last_applied_seq + 1
+                n += 1
+            handled.append(n)
         stored = self.tx.load_results(
             self.client.client_id,
             [m.client_seq for m in replays if m.client_seq <= self.client.last_seq],
         )
         self._preload(fresh, [s for s in stored.values()])
 
-        results = []
-        for m in mutations[:handled]:
-            if m.client_seq < self.client.last_seq + 1 or m.client_seq in self.seen:
-                results.append(self._replay(m, stored.get(m.client_seq)))
-                continue
-            outcome = self.apply_one(m)
-            self.seen[m.client_seq] = outcome
-            self.client.last_seq = m.client_seq
-            results.append(outcome)
-        return BatchOutcome(results, self.client.last_seq)
+        outcomes = []
+        for batch, n in zip(batches, handled, strict=True):
+            self.schema_version = batch.schema_version
+            self.batch_first_seq = self.client.last_seq + 1
+            results = []
+            for m in batch.mutations[:n]:
+                if m.client_seq < self.client.last_seq + 1 or m.client_seq in self.seen:
+                    results.append(self._replay(m, stored.get(m.client_seq)))
+                    continue
+                outcome = self.apply_one(m)
+                self.seen[m.client_seq] = outcome
+                self.client.last_seq = m.client_seq
+                results.append(outcome)
+            outcomes.append(BatchOutcome(results, self.client.last_seq))
+        return outcomes
 
     def _preload(self, fresh: list[MutationIn], stored: list[StoredResult]) -> None:
         """Read every record, history row and conflict the batch needs, set-based."""
@@ -313,7 +345,14 @@ class _BatchRun:
     def _replay(self, m: MutationIn, stored: StoredResult | None) -> MutationOutcome:
         earlier = self.seen.get(m.client_seq)
         if earlier is not None:
-            return replace(earlier, status=Status.DUPLICATE, original_status=earlier.status)
+            dup = replace(earlier, status=Status.DUPLICATE, original_status=earlier.status)
+            if m.client_seq < self.batch_first_seq:
+                # Applied by an earlier batch of this group: answered as the
+                # replay of a committed mutation is, with the record as it is now.
+                key = self.result_keys.get(m.client_seq)
+                rec = self.records.get(key) if key else None
+                dup.record = rec if rec is not None and rec.version else None
+            return dup
         outcome = MutationOutcome(m.mutation_id, m.client_seq, Status.DUPLICATE)
         if stored is None:
             return outcome  # its result was pruned: only the fact of its application is kept
@@ -679,6 +718,7 @@ class _BatchRun:
             payload["c"] = o.conflict.conflict_id
         if m.collection in self.applier._rules and m.record_id:
             payload["k"] = [m.collection, m.record_id]
+            self.result_keys[m.client_seq] = (m.collection, m.record_id)
         self.out.results.append(
             StoredResult(self.client.client_id, m.client_seq, self.tenant, m.mutation_id, payload)
         )

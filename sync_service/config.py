@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from fieldsync.auth import AuthConfig
 from sync_service.schema import DEFAULT_SCHEMA_PATH
@@ -36,6 +37,9 @@ class SyncConfig:
     other processes (changes of this process wake it at once)."""
     db_pool_size: int = 5
     """FIELDSYNC_DB_POOL_SIZE: connections per PostgreSQL pool."""
+    record_cache: int = 20_000
+    """FIELDSYNC_RECORD_CACHE: committed records kept in memory between write
+    transactions (about 2 KB each; 0 turns the cache off). See storage/cache.py."""
     relay_batch_size: int = 500
     """FIELDSYNC_AUDIT_RELAY_BATCH: audit events a RecordEvents call."""
     relay_max_backoff_seconds: float = 15.0
@@ -53,25 +57,41 @@ class SyncConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> SyncConfig:
+        """The configuration the environment gives; ValueError naming the first bad setting."""
         d = cls()
+
+        def number(name: str, default: float, kind: type[float] | type[int] = int) -> Any:
+            text = env.get(name)
+            if text is None:
+                return default
+            try:
+                value = kind(text)
+            except ValueError:
+                what = "a whole number" if kind is int else "a number"
+                raise ValueError(f"{name} must be {what}, not {text!r}") from None
+            if value < 0:
+                raise ValueError(f"{name} must not be negative")
+            return value
+
         return cls(
             addr=env.get("FIELDSYNC_SYNC_ADDR", d.addr),
             db_url=env.get("FIELDSYNC_SYNC_DB", d.db_url),
             schema_path=env.get("FIELDSYNC_SCHEMA", d.schema_path),
             audit_addr=env.get("FIELDSYNC_AUDIT_ADDR", d.audit_addr),
-            max_batch=int(env.get("FIELDSYNC_MAX_BATCH", d.max_batch)),
-            max_message_bytes=int(env.get("FIELDSYNC_MAX_MESSAGE_BYTES", d.max_message_bytes)),
-            shutdown_grace_seconds=float(
-                env.get("FIELDSYNC_SHUTDOWN_GRACE", d.shutdown_grace_seconds)
+            max_batch=number("FIELDSYNC_MAX_BATCH", d.max_batch),
+            max_message_bytes=number("FIELDSYNC_MAX_MESSAGE_BYTES", d.max_message_bytes),
+            shutdown_grace_seconds=number(
+                "FIELDSYNC_SHUTDOWN_GRACE", d.shutdown_grace_seconds, float
             ),
             sqlite_synchronous=env.get("FIELDSYNC_SQLITE_SYNCHRONOUS", d.sqlite_synchronous),
-            subscribe_poll_seconds=float(
-                env.get("FIELDSYNC_SUBSCRIBE_POLL", d.subscribe_poll_seconds)
+            subscribe_poll_seconds=number(
+                "FIELDSYNC_SUBSCRIBE_POLL", d.subscribe_poll_seconds, float
             ),
-            db_pool_size=int(env.get("FIELDSYNC_DB_POOL_SIZE", d.db_pool_size)),
-            relay_batch_size=int(env.get("FIELDSYNC_AUDIT_RELAY_BATCH", d.relay_batch_size)),
-            relay_max_backoff_seconds=float(
-                env.get("FIELDSYNC_AUDIT_RELAY_MAX_BACKOFF", d.relay_max_backoff_seconds)
+            db_pool_size=number("FIELDSYNC_DB_POOL_SIZE", d.db_pool_size),
+            record_cache=number("FIELDSYNC_RECORD_CACHE", d.record_cache),
+            relay_batch_size=number("FIELDSYNC_AUDIT_RELAY_BATCH", d.relay_batch_size),
+            relay_max_backoff_seconds=number(
+                "FIELDSYNC_AUDIT_RELAY_MAX_BACKOFF", d.relay_max_backoff_seconds, float
             ),
             relay_enabled=env.get("FIELDSYNC_AUDIT_RELAY", "1") not in ("0", "false", "no"),
             service_token_file=env.get("FIELDSYNC_SERVICE_TOKEN_FILE") or None,

@@ -58,6 +58,7 @@ class SyncApp:
             config.db_url,
             sqlite_synchronous=config.sqlite_synchronous,
             pool_size=config.db_pool_size,
+            record_cache=config.record_cache,
         )
         storage.migrate()
         applier = Applier(storage, schema, max_batch=config.max_batch)

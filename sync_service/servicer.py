@@ -12,13 +12,13 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
 
 from fieldsync.auth import Principal
-from fieldsync.errors import FieldSyncError, InvalidArgument, Reason
+from fieldsync.errors import InvalidArgument, Reason
 from fieldsync.interceptors import current_principal
 from fieldsync.v1 import common_pb2, sync_pb2, sync_pb2_grpc
 from fieldsync.values import fields_from_proto
@@ -47,6 +47,10 @@ MAX_GET_RECORDS = 1000
 # the lock, this instance's reads (Pull, GetRecords, Subscribe) would queue
 # behind the writes. Further writes wait here instead, on the event loop.
 MAX_WRITES_IN_FLIGHT = 2
+
+# Batches a Sync stream decodes ahead of the one applying: they are applied
+# together once the service is ready (see SyncServicer.Sync).
+READ_AHEAD = 4
 
 
 class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
@@ -87,7 +91,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
     ) -> sync_pb2.ApplyBatchResponse:
         principal = current_principal()
         batch = batch_from_proto(request.batch)
-        outcome = await self._apply(principal, batch)
+        (outcome,) = await self._apply(principal, [batch])
         return sync_pb2.ApplyBatchResponse(result=batch_outcome_to_proto(outcome))
 
     async def Sync(
@@ -112,58 +116,44 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                 last_applied_seq=last, server_schema_version=self._applier.schema.version
             )
         )
-        # Batches apply one at a time, in order, each answered as soon as it is
-        # applied (a client may wait for an answer before it sends more). While
-        # one applies (in a worker thread, much of it inside the database), the
-        # event loop reads and decodes the next; if that one is already here
-        # when the first is done, it starts applying before the first's answer
-        # is built. At most two batches are held, so gRPC flow control still
-        # holds a fast sender back and memory stays flat.
-        schema_version = first.hello.schema_version
+        # Batches are answered in order, each as soon as it is committed (a
+        # client may wait for an answer before it sends more). A reader task
+        # decodes up to READ_AHEAD batches ahead; those already waiting when
+        # the service is ready for more are applied together, in one
+        # transaction (group commit), and while a group applies in its worker
+        # thread, the event loop reads ahead and answers the group before.
+        # What is held is bounded, so gRPC flow control still holds a fast
+        # sender back and memory stays flat.
         requests = aiter(request_iterator)
-
-        def read_ahead() -> asyncio.Future[BatchIn | None]:
-            return asyncio.ensure_future(self._next_batch(requests, client_id, schema_version))
-
-        reader = read_ahead()
-        running: asyncio.Future[BatchOutcome] | None = None
+        inbox = _Inbox(
+            lambda: self._next_batch(requests, client_id, first.hello.schema_version),
+            READ_AHEAD,
+            self._applier.max_batch,
+        )
+        running: asyncio.Future[list[BatchOutcome]] | None = None
         try:
             while True:
                 if running is None:
-                    batch = await reader  # nothing is applying: wait for the client
-                    if batch is None:
+                    group = await inbox.group()  # nothing is applying: wait for the client
+                    if not group:
+                        inbox.raise_error()
                         return
-                    running = asyncio.ensure_future(self._apply(principal, batch))
-                    reader = read_ahead()
-                outcome = await running
+                    running = asyncio.ensure_future(self._apply(principal, group))
+                outcomes = await running
                 running = None
-                refused: FieldSyncError | None = None
-                done = False
-                if reader.done():
-                    try:
-                        batch = reader.result()
-                    except FieldSyncError as err:
-                        refused = err  # a bad next message: this batch still gets its answer
-                    else:
-                        if batch is None:
-                            done = True
-                        else:
-                            running = asyncio.ensure_future(self._apply(principal, batch))
-                            reader = read_ahead()
-                yield sync_pb2.SyncResponse(result=batch_outcome_to_proto(outcome))
-                if refused is not None:
-                    raise refused
-                if done:
+                group = inbox.group_waiting()
+                if group:
+                    running = asyncio.ensure_future(self._apply(principal, group))
+                for outcome in outcomes:
+                    yield sync_pb2.SyncResponse(result=batch_outcome_to_proto(outcome))
+                if running is None and inbox.ended:
+                    inbox.raise_error()  # a bad message after these: they got their answers
                     return
         finally:
-            if reader.done():
-                if not reader.cancelled():
-                    reader.exception()  # seen: it ends the stream or came too late to matter
-            else:
-                reader.cancel()
+            inbox.close()
             if running is not None and not running.done():
-                # The stream ended early: the batch applies anyway (it is durable,
-                # and a resend is answered DUPLICATE); nobody waits for it.
+                # The stream ended early: the batches apply anyway (they are
+                # durable, and a resend is answered DUPLICATE); nobody waits.
                 running.add_done_callback(_log_failure)
 
     async def _next_batch(
@@ -186,13 +176,15 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                 f"batch client_id {batch.client_id!r} differs from the hello's",
                 violations=[("batch.client_id", "must equal hello.client_id")],
             )
-        return BatchIn(client_id, batch.schema_version or schema_version, batch.mutations)
+        batch = BatchIn(client_id, batch.schema_version or schema_version, batch.mutations)
+        self._applier.check_batch(batch)  # a bad batch ends the stream after the ones before
+        return batch
 
-    async def _apply(self, principal: Principal, batch: BatchIn) -> BatchOutcome:
+    async def _apply(self, principal: Principal, batches: list[BatchIn]) -> list[BatchOutcome]:
         async with self._writes:
-            outcome = await asyncio.to_thread(self._applier.apply_batch, principal, batch)
+            outcomes = await asyncio.to_thread(self._applier.apply_batches, principal, batches)
         self._notifier.notify()
-        return outcome
+        return outcomes
 
     async def Pull(
         self, request: sync_pb2.PullRequest, context: Ctx
@@ -341,6 +333,77 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                 f"the schema has no collection {name!r}",
                 violations=[(field, "not in the schema")],
             )
+
+
+class _Inbox:
+    """The batches a Sync stream has read ahead, decoded, in order.
+
+    A reader task decodes them (at most `depth` waiting); the end of the
+    stream or a bad message is kept in line behind the batches before it, so
+    those are applied and answered first. A failure of the call itself
+    (the client went away) ends the stream at once.
+    """
+
+    def __init__(
+        self, read: Callable[[], Awaitable[BatchIn | None]], depth: int, max_mutations: int
+    ) -> None:
+        self._queue: asyncio.Queue[BatchIn | BaseException | None] = asyncio.Queue(depth)
+        self._max = max_mutations
+        self._reader = asyncio.ensure_future(self._fill(read))
+        self._held: BatchIn | BaseException | None = None  # taken from the queue, not yet grouped
+        self.ended = False
+        self._error: BaseException | None = None
+
+    async def _fill(self, read: Callable[[], Awaitable[BatchIn | None]]) -> None:
+        while True:
+            try:
+                batch = await read()
+            except Exception as err:
+                await self._queue.put(err)
+                return
+            await self._queue.put(batch)
+            if batch is None:
+                return
+
+    async def group(self) -> list[BatchIn]:
+        """Wait for the next batch; it and those waiting behind it (empty: the end)."""
+        if self.ended:
+            return []
+        if self._held is None:
+            self._held = await self._queue.get()
+        return self.group_waiting()
+
+    def group_waiting(self) -> list[BatchIn]:
+        """The batches already waiting (maybe none), up to max_mutations in all (or one)."""
+        out: list[BatchIn] = []
+        total = 0
+        while not self.ended:
+            if self._held is None:
+                if self._queue.empty():
+                    break
+                self._held = self._queue.get_nowait()
+            item = self._held
+            if isinstance(item, BatchIn):
+                if out and total + len(item.mutations) > self._max:
+                    break  # it starts the next group
+                out.append(item)
+                total += len(item.mutations)
+            else:
+                self.ended = True  # the stream's end, or a bad message: after these
+                self._error = item
+            self._held = None
+        return out
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        if self._reader.done():
+            if not self._reader.cancelled():
+                self._reader.exception()  # retrieved: it was passed on through the queue
+        else:
+            self._reader.cancel()
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:

@@ -200,6 +200,26 @@ def test_fieldsync_token_without_the_secret_fails_and_says_why(tmp_path: Path) -
     assert "FIELDSYNC_JWT_SECRET" in done.stderr
 
 
+@pytest.mark.parametrize("value", ["-1", "lots"])
+def test_a_bad_record_cache_setting_stops_the_start_and_names_it(
+    tmp_path: Path, value: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDSYNC_")}
+    env.update(FIELDSYNC_JWT_SECRET="s" * 32, FIELDSYNC_RECORD_CACHE=value)
+    done = subprocess.run(
+        [sys.executable, "-m", "sync_service"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=CALL_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "configuration error: FIELDSYNC_RECORD_CACHE must" in done.stderr
+    assert not list(tmp_path.glob("*.db"))  # nothing was created
+
+
 # -- SIGTERM --------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,9 +12,13 @@ import grpc
 import jwt
 import pytest
 
+from fieldsync.auth import Principal
 from fieldsync.v1 import sync_pb2
+from sync_service.config import SyncConfig
+from sync_service.convert import batch_from_proto, batch_outcome_to_proto
+from sync_service.server import SyncApp
 from tests.conftest import make_config, running_sync
-from tests.support import PUT, SECRET, S, SyncEnv, md, mut, rpc_reason, token
+from tests.support import DELETE, PUT, SECRET, S, SyncEnv, md, mut, plain, rpc_reason, token
 
 
 def _stream(
@@ -200,3 +205,125 @@ def test_every_rpc_refuses_a_bad_token_and_nothing_changes(sync_env: SyncEnv, ca
     rec = good.get("r")
     assert rec is not None and rec.version == 1 and rec.fields["title"].string_value == "before"
     assert token()  # the good token still works
+
+
+def _offline_queue(rng: random.Random) -> list[list[sync_pb2.Mutation]]:
+    """40 batches of 5 on 12 records (base 1), a resent batch, and a gap then its resend."""
+    seq = 0
+    batches: list[list[sync_pb2.Mutation]] = []
+    for b in range(40):
+        if b == 20:
+            batches.append(list(batches[-1]))  # the connection dropped: resent as is
+            continue
+        batch = []
+        for _ in range(5):
+            seq += 1
+            rid = f"r{rng.randrange(12)}"
+            roll = rng.random()
+            if roll < 0.1:
+                batch.append(mut(seq, rid, op=DELETE, base=1))
+            elif roll < 0.3:
+                batch.append(mut(seq, rid, {"title": f"t{seq}", "status": "done"}, op=PUT, base=1))
+            else:
+                fields = {rng.choice(["status", "estimate", "title"]): rng.choice(["todo", 5])}
+                batch.append(mut(seq, rid, fields, base=1))
+        if b == 30:
+            skipped = [mut(m.client_seq + 100, m.record_id, {"title": "gap"}) for m in batch]
+            batches.append(skipped)  # a gap: nothing of it applies
+        batches.append(batch)
+    return batches
+
+
+def _comparable(result: sync_pb2.BatchResult) -> list[object]:
+    """A batch's answer without what differs between two services (ids, clocks)."""
+    out: list[object] = [result.last_applied_seq]
+    for r in result.results:
+        c = r.conflict
+        out.append(
+            (
+                r.client_seq,
+                r.status,
+                r.original_status,
+                r.duplicate_transition,
+                r.record.version,
+                r.record.deleted,
+                sorted((k, v.SerializeToString()) for k, v in r.record.fields.items()),
+                c.kind,
+                [(f.field, f.base, f.yours, f.theirs) for f in c.fields],
+                [w.code for w in r.warnings],
+                r.error.code,
+            )
+        )
+    return out
+
+
+def test_batches_streamed_together_are_answered_as_if_applied_one_by_one(
+    sync_env: SyncEnv,
+) -> None:
+    """A Sync stream applies the batches already waiting in one transaction
+    (how many wait depends on timing); each answer, and what is stored, must
+    be what applying them one by one gives."""
+    answers = {}
+    for tenant, streamed in (("streamed", True), ("one-by-one", False)):
+        desk = sync_env.client(tenant=tenant, sub="desk")
+        for i in range(12):
+            desk.one(f"r{i}", {"title": f"r{i}", "status": "todo", "estimate": 1}, op=PUT)
+        for i in range(0, 12, 3):  # others' edits the queue will merge or conflict with
+            desk.one(f"r{i}", {"status": "doing", "estimate": 7}, base=1)
+        rep = sync_env.client(tenant=tenant, sub="rep")
+        queue = _offline_queue(random.Random(11))
+        if streamed:
+            responses = list(
+                sync_env.stub.Sync(_stream(rep.client_id, queue), metadata=rep.metadata)
+            )
+            results = [r.result for r in responses[1:]]
+        else:
+            results = [rep.apply(*batch) for batch in queue]
+        records, _ = rep.pull()
+        answers[tenant] = (
+            [_comparable(r) for r in results],
+            sorted((r.record_id, r.version, r.deleted, plain(r)) for r in records),
+        )
+    assert answers["streamed"] == answers["one-by-one"]
+
+
+@pytest.mark.parametrize("group", [2, 3, 7])
+def test_batches_applied_in_one_transaction_answer_as_one_by_one(
+    sync_config: SyncConfig, group: int
+) -> None:
+    """The applier's group commit, in groups of a fixed size (the stream's depend
+    on timing): per-batch answers and stored records as one by one, gaps included."""
+    app = SyncApp.from_config(sync_config)
+    try:
+        answers = {}
+        for tenant in ("grouped", "single"):
+            desk = Principal("desk", tenant, frozenset({"member"}))
+            desk_queue = [mut(i + 1, f"r{i}", {"title": f"r{i}"}, op=PUT) for i in range(12)]
+            desk_queue += [
+                mut(13 + i // 3, f"r{i}", {"status": "doing"}, base=1) for i in range(0, 12, 3)
+            ]
+            app.applier.apply_batch(desk, batch_from_proto(_batch(f"desk-{tenant}", desk_queue)))
+            rep = Principal("rep", tenant, frozenset({"member"}))
+            queue = [
+                batch_from_proto(_batch(f"rep-{tenant}", b))
+                for b in _offline_queue(random.Random(5))
+            ]
+            if tenant == "grouped":
+                outcomes = []
+                for i in range(0, len(queue), group):
+                    outcomes += app.applier.apply_batches(rep, queue[i : i + group])
+            else:
+                outcomes = [app.applier.apply_batch(rep, b) for b in queue]
+            results = [batch_outcome_to_proto(o) for o in outcomes]
+            records = app.storage.get_records(tenant, "tasks", [f"r{i}" for i in range(12)])
+            answers[tenant] = (
+                [_comparable(r) for r in results],
+                [(r.record_id, r.version, r.deleted, r.fields) for r in records],
+            )
+        assert answers["grouped"] == answers["single"]
+    finally:
+        app.close()
+
+
+def _batch(client_id: str, mutations: list[sync_pb2.Mutation]) -> sync_pb2.MutationBatch:
+    return sync_pb2.MutationBatch(client_id=client_id, schema_version=3, mutations=mutations)

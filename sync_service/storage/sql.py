@@ -402,9 +402,9 @@ class SqlWriteTx:
             else:
                 out[rid] = rec
         if missing:
-            read = _load_records(self._conn, self._sql, tenant_id, collection, missing)
-            cache.store(read.values())
-            out.update(read)
+            # Not cached: a record read is almost always written in the same
+            # batch, and its written row is what the cache keeps.
+            out.update(_load_records(self._conn, self._sql, tenant_id, collection, missing))
         return out
 
     def load_changes(
