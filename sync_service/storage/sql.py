@@ -91,6 +91,15 @@ _RECORD_COLUMNS = (
 _RECORD_READ = ", ".join(("record_id", "record_key", *_RECORD_COLUMNS[:-1]))
 
 
+# The columns each bulk insert writes, in the order of its rows.
+_INSERT_COLUMNS = {
+    "records": ("tenant_id", "collection", "record_id", "record_key", *_RECORD_COLUMNS),
+    "record_history": ("record_key", "version", "client_id", "mutation_id", "old", "committed_at"),
+    "mutation_results": ("client_id", "client_seq", "tenant_id", "mutation_id", "result"),
+    "outbox": ("event_id", "tenant_id", "payload", "created_at"),
+}
+
+
 @dataclass(frozen=True)
 class _Statements:
     """The write transaction's statements, as driver SQL in the driver's paramstyle."""
@@ -98,11 +107,8 @@ class _Statements:
     ph: str  # the driver's placeholder
     read_state: str
     write_state: str
-    insert_record: str
+    inserts: dict[str, str]  # table -> its INSERT of _INSERT_COLUMNS
     update_record: str
-    insert_history: str
-    insert_result: str
-    insert_event: str
     select_client: str
     insert_client: str
     update_client: str
@@ -120,20 +126,8 @@ class _Statements:
             ph=ph,
             read_state="SELECT feed_head, record_keys FROM sync_state WHERE id = 1",
             write_state=f"UPDATE sync_state SET feed_head = {ph}, record_keys = {ph} WHERE id = 1",
-            insert_record=insert(
-                "records",
-                ("tenant_id", "collection", "record_id", "record_key", *_RECORD_COLUMNS),
-            ),
+            inserts={table: insert(table, columns) for table, columns in _INSERT_COLUMNS.items()},
             update_record=f"UPDATE records SET {sets} WHERE record_key = {ph}",
-            insert_history=insert(
-                "record_history",
-                ("record_key", "version", "client_id", "mutation_id", "old", "committed_at"),
-            ),
-            insert_result=insert(
-                "mutation_results",
-                ("client_id", "client_seq", "tenant_id", "mutation_id", "result"),
-            ),
-            insert_event=insert("outbox", ("event_id", "tenant_id", "payload", "created_at")),
             select_client=f"SELECT tenant_id, sub, last_seq FROM clients WHERE client_id = {ph}",
             insert_client=insert("clients", ("client_id", "tenant_id", "sub", "last_seq")),
             update_client=f"UPDATE clients SET last_seq = {ph} WHERE client_id = {ph}",
@@ -474,9 +468,9 @@ class SqlWriteTx:
                     )
                 )
             if new_rows:
-                cur.executemany(sql.insert_record, new_rows)
+                self._insert(cur, "records", new_rows)
             if old_rows:
-                cur.executemany(sql.update_record, old_rows)
+                self._update_records(cur, old_rows)
         if batch.history:
             rows = [
                 [
@@ -495,7 +489,7 @@ class SqlWriteTx:
                 for h, row in zip(batch.history, rows, strict=True):
                     if row[0] is None:
                         row[0] = found[(h.tenant_id, h.collection, h.record_id)]
-            cur.executemany(sql.insert_history, rows)
+            self._insert(cur, "record_history", rows)
         if batch.conflicts:
             conn.execute(conflicts.insert(), [_conflict_row(c) for c in batch.conflicts])
         if batch.resolutions:
@@ -521,16 +515,18 @@ class SqlWriteTx:
                 ],
             )
         if batch.results:
-            cur.executemany(
-                sql.insert_result,
+            self._insert(
+                cur,
+                "mutation_results",
                 [
                     (r.client_id, r.client_seq, r.tenant_id, r.mutation_id, dumps(r.payload))
                     for r in batch.results
                 ],
             )
         if batch.events:
-            cur.executemany(
-                sql.insert_event,
+            self._insert(
+                cur,
+                "outbox",
                 [(e.event_id, e.tenant_id, dumps(e.payload), e.created_at) for e in batch.events],
             )
         if batch.client is not None:
@@ -544,6 +540,14 @@ class SqlWriteTx:
             self._head, self._keys = head, keys
         cur.close()
         self._cache.committing(written, head)
+
+    def _insert(self, cur: Any, table: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Add rows of _INSERT_COLUMNS[table]."""
+        cur.executemany(self._sql.inserts[table], rows)
+
+    def _update_records(self, cur: Any, rows: Sequence[Sequence[Any]]) -> None:
+        """Rewrite stored records: rows of _RECORD_COLUMNS, then the record_key."""
+        cur.executemany(self._sql.update_record, rows)
 
     def _record_keys(self, batch: BatchWrite) -> dict[tuple[str, str, str], int]:
         """The record_key of each stored record the batch updates (more are added as
@@ -578,13 +582,43 @@ class SqlWriteTx:
 
 
 class _PgWriteTx(SqlWriteTx):
-    """On PostgreSQL, a write that moves the feed also wakes the other instances'
-    Subscribe streams (pg_notify: delivered at commit, dropped on rollback)."""
+    """On PostgreSQL, rows go in by COPY (about a third of the time executemany
+    takes, most of it in the driver's Python); stored records are rewritten
+    from a COPY into a temporary table by one UPDATE. A write that moves the
+    feed also wakes the other instances' Subscribe streams (pg_notify:
+    delivered at commit, dropped on rollback)."""
 
     def write(self, batch: BatchWrite) -> None:
         super().write(batch)
         if batch.records:
             notify_feed(self._conn, {r.tenant_id for r in batch.records})
+
+    def _insert(self, cur: Any, table: str, rows: Sequence[Sequence[Any]]) -> None:
+        with cur.copy(f"COPY {table} ({', '.join(_INSERT_COLUMNS[table])}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    def _update_records(self, cur: Any, rows: Sequence[Sequence[Any]]) -> None:
+        # One per session, emptied at every commit (and a rollback drops its rows).
+        cur.execute(_PG_RECORD_CHANGES)
+        columns = (*_RECORD_COLUMNS, "record_key")
+        with cur.copy(f"COPY record_changes ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        sets = ", ".join(f"{c} = c.{c}" for c in _RECORD_COLUMNS)
+        cur.execute(
+            f"UPDATE records SET {sets} FROM record_changes c"
+            " WHERE records.record_key = c.record_key"
+        )
+
+
+_PG_RECORD_CHANGES = (
+    "CREATE TEMPORARY TABLE IF NOT EXISTS record_changes ("
+    " version BIGINT, deleted BOOLEAN, fields TEXT, field_versions TEXT,"
+    " history_floor BIGINT, updated_at BIGINT, updated_by VARCHAR(500),"
+    " last_client_id VARCHAR(200), others_version BIGINT, feed_seq BIGINT,"
+    " record_key BIGINT) ON COMMIT DELETE ROWS"
+)
 
 
 # -- row mapping ---------------------------------------------------------------
