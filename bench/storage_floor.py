@@ -1,6 +1,7 @@
 """The storage floor: the reconnect queue's row changes, written with nothing but SQLAlchemy Core.
 
-On a fresh SQLite file (WAL, synchronous=FULL, as the service runs it) with
+On a fresh SQLite file (WAL, synchronous=FULL and the service's other writer
+settings, fieldsync.db.SQLITE_WRITER_PRAGMAS, as the service runs it) with
 the service's own tables (sync_service.storage.tables, so the same columns
 and indexes), one transaction per batch of the queue:
 
@@ -28,6 +29,7 @@ from typing import Any
 
 from sqlalchemy import Engine, bindparam, create_engine, event, select
 
+from fieldsync.db import SQLITE_WRITER_PRAGMAS
 from fieldsync.v1 import sync_pb2
 from fieldsync.values import FieldValue, encode_fields, fields_from_proto
 from sync_service.storage.tables import metadata, mutation_results, records
@@ -76,6 +78,8 @@ def engine(path: Path, synchronous: str = "FULL") -> Engine:
         cur.execute("PRAGMA busy_timeout=60000")
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA synchronous={synchronous}")
+        for pragma in SQLITE_WRITER_PRAGMAS:  # the service's writer settings, for a fair floor
+            cur.execute(pragma)
         cur.close()
 
     @event.listens_for(eng, "begin")

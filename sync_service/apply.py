@@ -260,6 +260,7 @@ class _BatchRun:
     touched: dict[tuple[str, str], StoredRecord] = field(default_factory=dict)
     seen: dict[int, MutationOutcome] = field(default_factory=dict)
     result_keys: dict[int, tuple[str, str]] = field(default_factory=dict)  # seq -> its record
+    writable: dict[str, _CollectionRules] = field(default_factory=dict)  # checked for the caller
     batch_first_seq: int = 0  # the first sequence the batch being applied may apply
 
     def __post_init__(self) -> None:
@@ -463,15 +464,18 @@ class _BatchRun:
                 f"op {m.op} is not PUT, PATCH or DELETE",
                 violations=[("mutation.op", "OP_PUT, OP_PATCH or OP_DELETE")],
             )
-        rules = self.applier._rules.get(m.collection)
+        rules = self.writable.get(m.collection)
         if rules is None:
-            raise InvalidArgument(
-                Reason.UNKNOWN_COLLECTION,
-                f"the schema has no collection {m.collection!r}",
-                violations=[("mutation.collection", "not in the schema")],
-            )
-        if not rules.spec.can_write(self.principal.roles):
-            raise _role_error(rules.spec)
+            rules = self.applier._rules.get(m.collection)
+            if rules is None:
+                raise InvalidArgument(
+                    Reason.UNKNOWN_COLLECTION,
+                    f"the schema has no collection {m.collection!r}",
+                    violations=[("mutation.collection", "not in the schema")],
+                )
+            if not rules.spec.can_write(self.principal.roles):
+                raise _role_error(rules.spec)
+            self.writable[m.collection] = rules
         return rules
 
     def _stage_record(self, m: MutationIn, rec: StoredRecord, d: Decision) -> StoredRecord:

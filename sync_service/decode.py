@@ -106,7 +106,19 @@ def decode_fields(
     decoded: dict[str, FieldValue] = {}
     repairs: list[Repair] = []
     renamed_from: dict[str, str] = {}  # field name -> the old name its value came under
+    plain = _plain_kinds(collection)
     for sent, value in fields.items():
+        kind = plain.get(sent)
+        if kind is not None:
+            # The common case first: a field sent under its name, of its type.
+            t = type(value)
+            if t is kind:
+                if t is not int or INT64_MIN <= value <= INT64_MAX:  # type: ignore[operator]
+                    decoded[sent] = value
+                    continue
+            elif t is str and type(kind) is frozenset and value in kind:
+                decoded[sent] = value  # an enum's value
+                continue
         spec = collection.fields.get(sent)
         if spec is None:
             target = collection.aliases.get(sent)
@@ -164,6 +176,37 @@ def decode_fields(
             )
         decoded[spec.name] = outcome
     return decoded, repairs
+
+
+_PLAIN_TYPES: Final[dict[FieldType, type]] = {
+    FieldType.STRING: str,
+    FieldType.TEXT: str,
+    FieldType.INT: int,
+    FieldType.FLOAT: float,
+    FieldType.BOOL: bool,
+    FieldType.TIMESTAMP: Timestamp,
+    FieldType.JSON: Json,
+}
+_plain_kinds_of: dict[int, tuple[CollectionSpec, dict[str, type | frozenset[str]]]] = {}
+
+
+def _plain_kinds(collection: CollectionSpec) -> dict[str, type | frozenset[str]]:
+    """Per field name, the type a value needs no conversion in (an enum: its values).
+
+    Such a value passes unchanged (an int only within int64), so decode_fields
+    takes it without the general conversion. Built once per collection spec.
+    """
+    known = _plain_kinds_of.get(id(collection))
+    if known is not None and known[0] is collection:
+        return known[1]
+    kinds: dict[str, type | frozenset[str]] = {
+        name: frozenset(spec.values) if spec.type is FieldType.ENUM else _PLAIN_TYPES[spec.type]
+        for name, spec in collection.fields.items()
+    }
+    if len(_plain_kinds_of) > 1000:  # specs come and go (tests): keep this bounded
+        _plain_kinds_of.clear()
+    _plain_kinds_of[id(collection)] = (collection, kinds)  # holds it: the id stays its
+    return kinds
 
 
 def apply_defaults(collection: CollectionSpec, fields: dict[str, FieldValue]) -> list[Repair]:

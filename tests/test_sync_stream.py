@@ -14,6 +14,7 @@ import pytest
 
 from fieldsync.auth import Principal
 from fieldsync.v1 import sync_pb2
+from fieldsync.values import FieldValue
 from sync_service.config import SyncConfig
 from sync_service.convert import batch_from_proto, batch_outcome_to_proto
 from sync_service.server import SyncApp
@@ -225,7 +226,8 @@ def _offline_queue(rng: random.Random) -> list[list[sync_pb2.Mutation]]:
             elif roll < 0.3:
                 batch.append(mut(seq, rid, {"title": f"t{seq}", "status": "done"}, op=PUT, base=1))
             else:
-                fields = {rng.choice(["status", "estimate", "title"]): rng.choice(["todo", 5])}
+                value: FieldValue = rng.choice(["todo", 5])
+                fields = {rng.choice(["status", "estimate", "title"]): value}
                 batch.append(mut(seq, rid, fields, base=1))
         if b == 30:
             skipped = [mut(m.client_seq + 100, m.record_id, {"title": "gap"}) for m in batch]

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -447,26 +447,14 @@ class SqlWriteTx:
                 if rec.exists:
                     key = known[name]
                     old_rows.append((*values, key))
+                    if rec.key == key:
+                        written.append(rec)  # as stored already: the cache can share it
+                        continue
                 else:
                     keys += 1
                     key = known[name] = keys
                     new_rows.append((*name, key, *values))
-                written.append(
-                    StoredRecord(
-                        *name,
-                        rec.version,
-                        rec.deleted,
-                        rec.fields,
-                        rec.field_versions,
-                        rec.history_floor,
-                        rec.updated_at,
-                        rec.updated_by,
-                        True,
-                        rec.last_client,
-                        rec.others_version,
-                        key,
-                    )
-                )
+                written.append(replace(rec, exists=True, key=key))
             if new_rows:
                 self._insert(cur, "records", new_rows)
             if old_rows:
