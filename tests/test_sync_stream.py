@@ -226,7 +226,7 @@ def _offline_queue(rng: random.Random) -> list[list[sync_pb2.Mutation]]:
             elif roll < 0.3:
                 batch.append(mut(seq, rid, {"title": f"t{seq}", "status": "done"}, op=PUT, base=1))
             else:
-                value: FieldValue = rng.choice(["todo", 5])
+                value: FieldValue = "todo" if rng.random() < 0.5 else 5
                 fields = {rng.choice(["status", "estimate", "title"]): value}
                 batch.append(mut(seq, rid, fields, base=1))
         if b == 30:
