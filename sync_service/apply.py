@@ -110,7 +110,12 @@ class Applier:
     def apply_batch(self, principal: Principal, batch: BatchIn) -> BatchOutcome:
         return self.apply_batches(principal, [batch])[0]
 
-    def apply_batches(self, principal: Principal, batches: list[BatchIn]) -> list[BatchOutcome]:
+    def apply_batches(
+        self,
+        principal: Principal,
+        batches: list[BatchIn],
+        decided: Callable[[list[BatchOutcome]], None] | None = None,
+    ) -> list[BatchOutcome]:
         """Consecutive batches of one client in one transaction, answered one by one.
 
         The Sync stream groups the batches that are already waiting (group
@@ -127,6 +132,11 @@ class Applier:
             run = _BatchRun(self, tx, principal, client, batches[0].schema_version)
             outcomes = run.apply(batches)
             run.flush()
+            if decided is not None:
+                # Final unless the commit fails: the caller may prepare the answers
+                # while the commit runs (in the database, without the GIL) and
+                # send them after.
+                decided(outcomes)
         return outcomes
 
     def check_batch(self, batch: BatchIn) -> None:

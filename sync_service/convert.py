@@ -85,8 +85,13 @@ def outcome_to_proto(o: MutationOutcome, out: sync_pb2.MutationResult) -> None:
     out.original_status = int(o.original_status)  # type: ignore[assignment]
 
 
-def batch_outcome_to_proto(bo: BatchOutcome) -> sync_pb2.BatchResult:
-    out = sync_pb2.BatchResult(last_applied_seq=bo.last_applied_seq)
+def batch_outcome_to_proto(
+    bo: BatchOutcome, out: sync_pb2.BatchResult | None = None
+) -> sync_pb2.BatchResult:
+    """Fill `out` (the result field of a response, so nothing is copied) or a new one."""
+    if out is None:
+        out = sync_pb2.BatchResult()
+    out.last_applied_seq = bo.last_applied_seq
     add = out.results.add
     for o in bo.results:
         outcome_to_proto(o, add())

@@ -13,7 +13,7 @@ import binascii
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -91,8 +91,8 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
     ) -> sync_pb2.ApplyBatchResponse:
         principal = current_principal()
         batch = batch_from_proto(request.batch)
-        (outcome,) = await self._apply(principal, [batch])
-        return sync_pb2.ApplyBatchResponse(result=batch_outcome_to_proto(outcome))
+        (answer,) = await self._apply(principal, [batch], sync_pb2.ApplyBatchResponse)
+        return answer
 
     async def Sync(
         self,
@@ -130,7 +130,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
             READ_AHEAD,
             self._applier.max_batch,
         )
-        running: asyncio.Future[list[BatchOutcome]] | None = None
+        running: asyncio.Future[list[sync_pb2.SyncResponse]] | None = None
         try:
             while True:
                 if running is None:
@@ -138,14 +138,18 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                     if not group:
                         inbox.raise_error()
                         return
-                    running = asyncio.ensure_future(self._apply(principal, group))
-                outcomes = await running
+                    running = asyncio.ensure_future(
+                        self._apply(principal, group, sync_pb2.SyncResponse)
+                    )
+                answers = await running
                 running = None
                 group = inbox.group_waiting()
                 if group:
-                    running = asyncio.ensure_future(self._apply(principal, group))
-                for outcome in outcomes:
-                    yield sync_pb2.SyncResponse(result=batch_outcome_to_proto(outcome))
+                    running = asyncio.ensure_future(
+                        self._apply(principal, group, sync_pb2.SyncResponse)
+                    )
+                for answer in answers:
+                    yield answer
                 if running is None and inbox.ended:
                     inbox.raise_error()  # a bad message after these: they got their answers
                     return
@@ -180,11 +184,39 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         self._applier.check_batch(batch)  # a bad batch ends the stream after the ones before
         return batch
 
-    async def _apply(self, principal: Principal, batches: list[BatchIn]) -> list[BatchOutcome]:
+    async def _apply(
+        self, principal: Principal, batches: list[BatchIn], answer: Callable[[], _Answer]
+    ) -> list[_Answer]:
+        """Apply batches (one transaction); an answer message for each, once committed.
+
+        The answers (made by `answer`, their `result` filled in place) are
+        built on the event loop while the worker thread commits (inside the
+        database, without the GIL); they are returned only when the commit is
+        through, and dropped if it fails.
+        """
+        loop = asyncio.get_running_loop()
+        decided: asyncio.Future[list[BatchOutcome]] = loop.create_future()
+
+        def on_decided(outcomes: list[BatchOutcome]) -> None:
+            loop.call_soon_threadsafe(_resolve, decided, outcomes)
+
+        def answers_to(outcomes: list[BatchOutcome]) -> list[_Answer]:
+            out = []
+            for o in outcomes:
+                msg = answer()
+                batch_outcome_to_proto(o, msg.result)
+                out.append(msg)
+            return out
+
         async with self._writes:
-            outcomes = await asyncio.to_thread(self._applier.apply_batches, principal, batches)
+            work = asyncio.ensure_future(
+                asyncio.to_thread(self._applier.apply_batches, principal, batches, on_decided)
+            )
+            await asyncio.wait((decided, work), return_when=asyncio.FIRST_COMPLETED)
+            answers = answers_to(decided.result()) if decided.done() else None
+            outcomes = await work
         self._notifier.notify()
-        return outcomes
+        return answers if answers is not None else answers_to(outcomes)
 
     async def Pull(
         self, request: sync_pb2.PullRequest, context: Ctx
@@ -335,6 +367,9 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
             )
 
 
+_Answer = TypeVar("_Answer", sync_pb2.ApplyBatchResponse, sync_pb2.SyncResponse)
+
+
 class _Inbox:
     """The batches a Sync stream has read ahead, decoded, in order.
 
@@ -404,6 +439,11 @@ class _Inbox:
                 self._reader.exception()  # retrieved: it was passed on through the queue
         else:
             self._reader.cancel()
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
