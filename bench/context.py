@@ -75,7 +75,7 @@ class Sizes:
             store_records=2_000,
             store_cap=12,
             memory_mutations=1_000_000,
-            memory_cap=30,
+            memory_cap=150,  # the whole 1,000,000: about 90 s here
             pull_records=100_000,
             pull_cap=60,
             audit_mutations=10_000,

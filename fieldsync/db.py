@@ -86,7 +86,11 @@ SQLITE_WRITER_PRAGMAS = (
 
 
 def sqlite_engine(url: str, *, write: bool, synchronous: str) -> Engine:
-    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+    # SQLite has one writer at a time: the write engine keeps one connection
+    # (its page cache is the memory above), and writers wait for it in the pool
+    # as long as they would have waited for the write lock.
+    pool: dict[str, Any] = {"pool_size": 1, "max_overflow": 0, "pool_timeout": 60} if write else {}
+    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False}, **pool)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:

@@ -37,7 +37,7 @@ class SyncConfig:
     other processes (changes of this process wake it at once)."""
     db_pool_size: int = 5
     """FIELDSYNC_DB_POOL_SIZE: connections per PostgreSQL pool."""
-    record_cache: int = 20_000
+    record_cache: int = 10_000
     """FIELDSYNC_RECORD_CACHE: committed records kept in memory between write
     transactions (about 2 KB each; 0 turns the cache off). See storage/cache.py."""
     relay_batch_size: int = 500

@@ -166,7 +166,7 @@ class SqlStorage:
         *,
         sqlite_synchronous: str = "FULL",
         pool_size: int = 5,
-        record_cache: int = 20_000,
+        record_cache: int = 10_000,
     ) -> None:
         self.url = normalize_url(url)
         self._cache = RecordCache(record_cache)
