@@ -48,6 +48,10 @@ MAX_GET_RECORDS = 1000
 # behind the writes. Further writes wait here instead, on the event loop.
 MAX_WRITES_IN_FLIGHT = 2
 
+# From how many mutations in one transaction the answers are built while the
+# commit runs (below, the hand-offs between threads cost more than they save).
+OVERLAP_FROM = 64
+
 # Batches a Sync stream decodes ahead of the one applying: they are applied
 # together once the service is ready (see SyncServicer.Sync).
 READ_AHEAD = 4
@@ -189,34 +193,36 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
     ) -> list[_Answer]:
         """Apply batches (one transaction); an answer message for each, once committed.
 
-        The answers (made by `answer`, their `result` filled in place) are
-        built on the event loop while the worker thread commits (inside the
-        database, without the GIL); they are returned only when the commit is
-        through, and dropped if it fails.
+        The answers (made by `answer`, their `result` filled in place) of a
+        large transaction are built on the event loop while the worker
+        thread commits (inside the database, without the GIL); they are
+        returned only when the commit is through, and dropped if it fails.
         """
+        async with self._writes:
+            if sum(len(b.mutations) for b in batches) < OVERLAP_FROM:
+                # Too little to gain from overlapping: no extra hand-offs.
+                outcomes = await asyncio.to_thread(self._applier.apply_batches, principal, batches)
+                answers = None
+            else:
+                answers, outcomes = await self._apply_overlapped(principal, batches, answer)
+        self._notifier.notify()
+        return answers if answers is not None else _answers(outcomes, answer)
+
+    async def _apply_overlapped(
+        self, principal: Principal, batches: list[BatchIn], answer: Callable[[], _Answer]
+    ) -> tuple[list[_Answer] | None, list[BatchOutcome]]:
         loop = asyncio.get_running_loop()
         decided: asyncio.Future[list[BatchOutcome]] = loop.create_future()
 
         def on_decided(outcomes: list[BatchOutcome]) -> None:
             loop.call_soon_threadsafe(_resolve, decided, outcomes)
 
-        def answers_to(outcomes: list[BatchOutcome]) -> list[_Answer]:
-            out = []
-            for o in outcomes:
-                msg = answer()
-                batch_outcome_to_proto(o, msg.result)
-                out.append(msg)
-            return out
-
-        async with self._writes:
-            work = asyncio.ensure_future(
-                asyncio.to_thread(self._applier.apply_batches, principal, batches, on_decided)
-            )
-            await asyncio.wait((decided, work), return_when=asyncio.FIRST_COMPLETED)
-            answers = answers_to(decided.result()) if decided.done() else None
-            outcomes = await work
-        self._notifier.notify()
-        return answers if answers is not None else answers_to(outcomes)
+        work = asyncio.ensure_future(
+            asyncio.to_thread(self._applier.apply_batches, principal, batches, on_decided)
+        )
+        await asyncio.wait((decided, work), return_when=asyncio.FIRST_COMPLETED)
+        answers = _answers(decided.result(), answer) if decided.done() else None
+        return answers, await work
 
     async def Pull(
         self, request: sync_pb2.PullRequest, context: Ctx
@@ -439,6 +445,15 @@ class _Inbox:
                 self._reader.exception()  # retrieved: it was passed on through the queue
         else:
             self._reader.cancel()
+
+
+def _answers(outcomes: list[BatchOutcome], answer: Callable[[], _Answer]) -> list[_Answer]:
+    out = []
+    for o in outcomes:
+        msg = answer()
+        batch_outcome_to_proto(o, msg.result)
+        out.append(msg)
+    return out
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:
