@@ -51,6 +51,7 @@ from sync_service.storage.base import (
     StoredFieldConflict,
     StoredRecord,
     StoredResult,
+    WriteConflict,
     WriteTx,
 )
 
@@ -127,7 +128,22 @@ class Applier:
         client_ids = {b.client_id for b in batches}
         if len(client_ids) != 1:
             raise ValueError(f"one client's batches only, not {sorted(client_ids)}")
-        with self._storage.write_transaction() as tx:
+        try:
+            return self._apply_batches(principal, batches, decided, exclusive=False)
+        except WriteConflict:
+            # Another instance changed what this attempt read (PostgreSQL):
+            # nothing of it was kept; again, holding the write lock throughout.
+            return self._apply_batches(principal, batches, decided, exclusive=True)
+
+    def _apply_batches(
+        self,
+        principal: Principal,
+        batches: list[BatchIn],
+        decided: Callable[[list[BatchOutcome]], None] | None,
+        *,
+        exclusive: bool,
+    ) -> list[BatchOutcome]:
+        with self._storage.write_transaction(exclusive=exclusive) as tx:
             client = _claim_client(tx, principal, batches[0].client_id)
             run = _BatchRun(self, tx, principal, client, batches[0].schema_version)
             outcomes = run.apply(batches)
@@ -183,7 +199,8 @@ class Applier:
                 "resolution must be KEEP_THEIRS, TAKE_YOURS or CUSTOM",
                 violations=[("resolution", "unspecified or unknown")],
             )
-        with self._storage.write_transaction() as tx:
+        # Exclusive: a conflict answer is rare and small, and must not meet another.
+        with self._storage.write_transaction(exclusive=True) as tx:
             conflict = tx.load_conflicts(principal.tenant_id, [conflict_id]).get(conflict_id)
             if conflict is None:
                 raise NotFound(Reason.CONFLICT_NOT_FOUND, f"no conflict {conflict_id!r}")

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ from sync_service.storage.base import (
     StoredFieldConflict,
     StoredRecord,
     StoredResult,
+    WriteConflict,
+    WriteTx,
 )
 from sync_service.storage.sql import MIGRATIONS
 from sync_service.storage.tables import metadata
@@ -731,10 +733,10 @@ def test_readers_see_committed_state_while_a_writer_holds_the_lock(storage: Stor
     assert seen.version == 2
 
 
-def test_concurrent_writers_wait_for_each_other(storage: Storage) -> None:
+def test_exclusive_writers_wait_for_each_other(storage: Storage) -> None:
     """Each writer reads, dawdles, then writes: with the lock taken up front none fails
     and none loses another's update. On SQLite this is BEGIN IMMEDIATE plus a busy
-    timeout; on PostgreSQL the advisory lock."""
+    timeout; on PostgreSQL the advisory lock of an exclusive transaction."""
     commit(storage, BatchWrite(records=[rec(T1, "tasks", "counter", version=1)]))
     writers = 3
     start = threading.Barrier(writers)
@@ -744,7 +746,7 @@ def test_concurrent_writers_wait_for_each_other(storage: Storage) -> None:
     def bump(n: int) -> None:
         try:
             start.wait()
-            with storage.write_transaction() as tx:
+            with storage.write_transaction(exclusive=True) as tx:
                 began = time.monotonic()
                 current = tx.load_records(T1, "tasks", ["counter"])["counter"]
                 time.sleep(0.1)  # hold the lock long enough for the others to queue
@@ -776,21 +778,29 @@ def test_concurrent_writers_wait_for_each_other(storage: Storage) -> None:
 
 
 def test_a_write_by_another_instance_is_never_hidden_by_the_cache(storage_url: str) -> None:
-    """Two instances on one database: what one has cached, the other changes; the
-    first must see the change in its next write transaction, whoever wrote last."""
+    """Two instances on one database: what one has cached, the other changes. The
+    first's next transaction sees the change, or (optimistic, on PostgreSQL) may
+    read its stale copy but then cannot write on it; an exclusive one sees it."""
     a = SqlStorage(storage_url, sqlite_synchronous="NORMAL")
     b = SqlStorage(storage_url, sqlite_synchronous="NORMAL")
     try:
         a.migrate()
-        commit(a, BatchWrite(records=[rec(T1, "tasks", "r1"), rec(T1, "tasks", "r2")]))
-        with a.write_transaction() as tx:  # a reads both: they are cached now
-            assert tx.load_records(T1, "tasks", ["r1", "r2"])["r1"].version == 1
+        commit(a, BatchWrite(records=[rec(T1, "tasks", "r1"), rec(T1, "tasks", "r2")]))  # cached
         with b.write_transaction() as tx:
             current = tx.load_records(T1, "tasks", ["r1"])["r1"]
             tx.write(BatchWrite(records=[dataclasses.replace(current, version=2)]))
-        with a.write_transaction() as tx:
+        try:
+            with a.write_transaction() as tx:
+                seen = tx.load_records(T1, "tasks", ["r1", "r2"])
+                stale = seen["r1"].version == 1
+                tx.write(BatchWrite(records=[dataclasses.replace(seen["r1"], version=3)]))
+        except WriteConflict:
+            assert a.dialect == "postgresql" and stale
+        else:
+            assert not stale  # it saw version 2, and wrote on it
+        with a.write_transaction(exclusive=True) as tx:
             seen = tx.load_records(T1, "tasks", ["r1", "r2"])
-            assert (seen["r1"].version, seen["r2"].version) == (2, 1)
+            assert (seen["r1"].version, seen["r2"].version) == (3 if not stale else 2, 1)
             tx.write(BatchWrite(records=[dataclasses.replace(seen["r2"], version=2)]))
         with b.write_transaction() as tx:  # and the other way round
             assert tx.load_records(T1, "tasks", ["r2"])["r2"].version == 2
@@ -855,6 +865,70 @@ def test_without_a_cache_and_with_a_tiny_one_every_read_is_the_databases(
             assert {r.version for r in st.get_records(T1, "tasks", rids)} == {3}
         finally:
             st.close()
+
+
+def test_a_write_on_what_another_writer_changed_meanwhile_is_refused_or_waited_for(
+    storage: Storage,
+) -> None:
+    """Two read-modify-writes at once, on a client row, a record, a record found
+    absent and a conflict: on SQLite the second waits (every transaction is
+    exclusive); on PostgreSQL the optimistic one that read first is refused
+    with WriteConflict and leaves nothing behind. Never a lost update."""
+    assert isinstance(storage, SqlStorage)
+    commit(storage, BatchWrite(records=[rec(T1, "tasks", "counter")], conflicts=[conflict("c1")]))
+    commit(storage, BatchWrite(client=ClientRow("c9", T1, "alice", last_seq=1)))
+    cases: list[tuple[Callable[[WriteTx], object], BatchWrite]] = [
+        (
+            lambda tx: tx.load_records(T1, "tasks", ["counter"]),
+            BatchWrite(records=[rec(T1, "tasks", "counter", version=2, exists=True)]),
+        ),
+        (
+            lambda tx: tx.get_client("c9"),
+            BatchWrite(client=ClientRow("c9", T1, "alice", last_seq=2, exists=True)),
+        ),
+        (
+            lambda tx: tx.load_records(T1, "tasks", ["later"]),
+            BatchWrite(records=[rec(T1, "tasks", "later")]),
+        ),
+        (
+            lambda tx: tx.load_conflicts(T1, ["c1"]),
+            BatchWrite(resolutions=[ConflictResolution(T1, "c1", NOW, "bob", "m-b")]),
+        ),
+    ]
+    for n, (read, change) in enumerate(cases):
+        refused = _read_then_write_while_another_commits(storage, read, change, f"e{n}")
+        assert refused == (storage.dialect == "postgresql"), n
+        assert storage.outbox_depth()[0] == (0 if refused else 1), n
+        storage.outbox_delivered([f"e{n}"])
+    assert storage.get_records(T1, "tasks", ["counter"])[0].version == 2
+    assert storage.get_client("c9") == ClientRow("c9", T1, "alice", 2, exists=True)
+
+
+def _read_then_write_while_another_commits(
+    storage: Storage, read: Callable[[WriteTx], object], change: BatchWrite, event_id: str
+) -> bool:
+    """Whether the reading transaction's write was refused with WriteConflict."""
+    has_read = threading.Event()
+    refused: list[WriteConflict] = []
+
+    def reader() -> None:
+        try:
+            with storage.write_transaction() as tx:
+                read(tx)
+                has_read.set()
+                time.sleep(0.3)  # the other writer commits meanwhile (or waits)
+                tx.write(BatchWrite(events=[OutboxEvent(event_id, T1, {}, NOW)]))
+        except WriteConflict as err:
+            refused.append(err)
+        finally:
+            has_read.set()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    assert has_read.wait(10)
+    commit(storage, change)
+    t.join(10)
+    return bool(refused)
 
 
 # -- size ------------------------------------------------------------------------

@@ -146,8 +146,24 @@ class ConflictPage:
     next_after: tuple[int, str] | None
 
 
+class WriteConflict(Exception):
+    """Another writer changed what this transaction read, before it wrote.
+
+    Only where writers run at once (PostgreSQL, optimistic transactions): the
+    transaction is rolled back, nothing of it is kept, and the work is to be
+    done again, in an exclusive transaction, which cannot meet this.
+    """
+
+
 class WriteTx(Protocol):
-    """One write transaction; it holds the write lock from its first statement."""
+    """One write transaction: what it reads stays true until it commits.
+
+    An exclusive one holds the database's write lock from its first
+    statement. Where writers can run at once (PostgreSQL) a transaction can be
+    optimistic instead: it reads and decides without any lock, and its write
+    first checks, under the write lock, that nothing it read has changed
+    since (WriteConflict if it has). On SQLite every transaction is exclusive.
+    """
 
     def get_client(self, client_id: str) -> ClientRow | None: ...
 
@@ -169,12 +185,15 @@ class WriteTx(Protocol):
         """Store the batch (records get the next feed positions); commit follows.
 
         A record's history rows go with it: each HistoryRow names a record of
-        `batch.records` or one already stored."""
+        `batch.records` or one already stored. WriteConflict (optimistic
+        transactions only): another writer changed what this one read."""
         ...
 
 
 class Storage(Protocol):
-    def write_transaction(self) -> AbstractContextManager[WriteTx]: ...
+    def write_transaction(self, *, exclusive: bool = False) -> AbstractContextManager[WriteTx]:
+        """A write transaction (see WriteTx); optimistic where the engine can be."""
+        ...
 
     def get_records(
         self, tenant_id: str, collection: str, record_ids: Sequence[str]

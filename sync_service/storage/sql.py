@@ -1,20 +1,25 @@
 """The Storage interface on SQLAlchemy Core, for SQLite and PostgreSQL.
 
-What differs between the two is only how a write transaction takes the write
-lock up front (so concurrent writers wait instead of failing or interleaving):
-SQLite starts it with BEGIN IMMEDIATE (WAL mode, readers never blocked);
-PostgreSQL takes a transaction-scoped advisory lock. Holding that lock while
-the next feed positions are handed out means transactions commit in feed
-order, so a reader asking for `feed_seq > cursor` never skips a late
-committer. On PostgreSQL a write that moves the feed also sends a NOTIFY so
-other instances' Subscribe streams wake at once (storage/pg_notify.py).
+What differs between the two is how writers share the database. On SQLite a
+write transaction takes the write lock up front (BEGIN IMMEDIATE; WAL mode,
+so readers are never blocked) and holds the whole database: concurrent
+writers wait instead of failing or interleaving. On PostgreSQL, where several
+service instances write at once, a write transaction is optimistic (it reads
+and decides without a lock and its write checks that nothing it read has
+changed, see _PgWriteTx) or exclusive (the feed lock from the start). Either
+way the feed lock, an advisory lock held from handing out the next feed
+positions to the commit, means transactions commit in feed order, so a
+reader asking for `feed_seq > cursor` never skips a late committer. On
+PostgreSQL a write that moves the feed also sends a NOTIFY so other
+instances' Subscribe streams wake at once (storage/pg_notify.py).
 
 The outbox is shared by the relays of every instance: a fetch claims its rows
 for a lease (FOR UPDATE SKIP LOCKED on PostgreSQL), so no two relays send the
 same event at once and a crashed relay's claims expire.
 
 Queries are set-based: one read of all the records of a batch (per
-collection), one of their history, and executemany writes.
+collection), one of their history, and bulk writes (executemany on SQLite,
+COPY on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -55,6 +61,7 @@ from sync_service.storage.base import (
     StoredFieldConflict,
     StoredRecord,
     StoredResult,
+    WriteConflict,
 )
 from sync_service.storage.cache import RecordCache
 from sync_service.storage.pg_notify import notify_feed
@@ -199,12 +206,11 @@ class SqlStorage:
     # -- writes ---------------------------------------------------------------
 
     @contextmanager
-    def write_transaction(self) -> Iterator[SqlWriteTx]:
+    def write_transaction(self, *, exclusive: bool = False) -> Iterator[SqlWriteTx]:
         try:
             with self._write.begin() as conn:
                 if self.dialect == "postgresql":
-                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
-                    yield _PgWriteTx(conn, self._statements, self._cache)
+                    yield _PgWriteTx(conn, self._statements, self._cache, exclusive=exclusive)
                 else:
                     yield SqlWriteTx(conn, self._statements, self._cache)
         except BaseException:
@@ -351,9 +357,11 @@ def _pg_now_ns() -> Any:
 class SqlWriteTx:
     """The reads and the write of one batch, on one connection in one transaction.
 
-    It starts by reading sync_state (under the write lock): the feed head tells
-    the record cache whether its rows are current (storage/cache.py), and the
-    head and the last record key are where this batch's positions and keys go on.
+    On SQLite the transaction holds the database's write lock from its first
+    statement (BEGIN IMMEDIATE): it is exclusive. It starts by reading
+    sync_state: the feed head tells the record cache whether its rows are
+    current (storage/cache.py), and the head and the last record key are
+    where this batch's positions and keys go on.
     """
 
     def __init__(self, conn: Connection, sql: _Statements, cache: RecordCache) -> None:
@@ -362,6 +370,14 @@ class SqlWriteTx:
         self._cache = cache
         self._head, self._keys = _fetch(conn, sql.read_state, ())[0]
         cache.begin(self._head)
+
+    def _cached(self, name: tuple[str, str, str]) -> StoredRecord | None:
+        """The cached row of a record, if the transaction may use it."""
+        return self._cache.get(name)
+
+    def _claim_feed(self, cur: Any, batch: BatchWrite) -> tuple[int, int]:
+        """The feed head and the last record key this write goes on from."""
+        return self._head, self._keys
 
     def get_client(self, client_id: str) -> ClientRow | None:
         return _get_client(self._conn, self._sql, client_id)
@@ -388,9 +404,8 @@ class SqlWriteTx:
     ) -> dict[str, StoredRecord]:
         out: dict[str, StoredRecord] = {}
         missing = []
-        cache = self._cache
         for rid in record_ids:
-            rec = cache.get((tenant_id, collection, rid))
+            rec = self._cached((tenant_id, collection, rid))
             if rec is None:
                 missing.append(rid)
             else:
@@ -423,7 +438,7 @@ class SqlWriteTx:
         conn = self._conn
         sql = self._sql
         cur = conn.connection.cursor()
-        head, keys = self._head, self._keys
+        head, keys = start = self._claim_feed(cur, batch)
         known = self._record_keys(batch)
         written: list[StoredRecord] = []  # the rows as stored, for the cache
         if batch.records:
@@ -518,16 +533,18 @@ class SqlWriteTx:
                 [(e.event_id, e.tenant_id, dumps(e.payload), e.created_at) for e in batch.events],
             )
         if batch.client is not None:
-            cl = batch.client
-            if cl.exists:
-                cur.execute(sql.update_client, (cl.last_seq, cl.client_id))
-            else:
-                cur.execute(sql.insert_client, (cl.client_id, cl.tenant_id, cl.sub, cl.last_seq))
-        if (head, keys) != (self._head, self._keys):
+            self._write_client(cur, batch.client)
+        if (head, keys) != start:
             cur.execute(sql.write_state, (head, keys))
             self._head, self._keys = head, keys
         cur.close()
         self._cache.committing(written, head)
+
+    def _write_client(self, cur: Any, cl: ClientRow) -> None:
+        if cl.exists:
+            cur.execute(self._sql.update_client, (cl.last_seq, cl.client_id))
+        else:
+            cur.execute(self._sql.insert_client, (cl.client_id, cl.tenant_id, cl.sub, cl.last_seq))
 
     def _insert(self, cur: Any, table: str, rows: Sequence[Sequence[Any]]) -> None:
         """Add rows of _INSERT_COLUMNS[table]."""
@@ -570,11 +587,154 @@ class SqlWriteTx:
 
 
 class _PgWriteTx(SqlWriteTx):
-    """On PostgreSQL, rows go in by COPY (about a third of the time executemany
-    takes, most of it in the driver's Python); stored records are rewritten
-    from a COPY into a temporary table by one UPDATE. A write that moves the
-    feed also wakes the other instances' Subscribe streams (pg_notify:
-    delivered at commit, dropped on rollback)."""
+    """A write transaction on PostgreSQL, where several instances write at once.
+
+    Optimistic (the default): it reads and decides without a lock, noting
+    what it read (the client's last sequence, each record's key and version
+    or its absence, each conflict's resolved flag); its write takes the feed
+    lock (an advisory lock, held until the commit) and first checks that all
+    of that is still so, or raises WriteConflict. So batches of different
+    clients on different records decide in parallel, on several instances,
+    and queue only to write. A conflict costs a second attempt, which the
+    applier makes exclusive: the feed lock from the start, like SQLite's
+    whole-database lock. Every change of a record moves its version, and
+    history, results and conflicts of a record change only with it or with
+    its client, so this check covers all a batch read. Holding the feed lock
+    from the feed head's read to the commit makes feed positions visible in
+    their order (SPEC §6).
+
+    The record cache is trusted only as far as the check: an optimistic
+    transaction may use a cached row (a stale one fails the check); an
+    exclusive one reads every record.
+
+    Rows go in by COPY (about a third of the time executemany takes, most of
+    it in the driver's Python); stored records are rewritten from a COPY into
+    a temporary table by one UPDATE. A write that moves the feed also wakes
+    the other instances' Subscribe streams (pg_notify: delivered at commit,
+    dropped on rollback).
+    """
+
+    def __init__(
+        self, conn: Connection, sql: _Statements, cache: RecordCache, *, exclusive: bool
+    ) -> None:
+        self._conn = conn
+        self._sql = sql
+        self._cache = cache
+        self._exclusive = exclusive
+        self._clients_read: dict[str, int | None] = {}  # client id -> last_seq
+        self._records_read: dict[tuple[str, str, str], tuple[int, int] | None] = {}
+        self._versions_read: dict[int, int] = {}  # record key -> the version read
+        self._conflicts_read: dict[str, bool] = {}  # conflict id -> resolved
+        self._feed_locked = False
+        if exclusive:
+            self._lock_feed(conn.connection.cursor())
+
+    def _lock_feed(self, cur: Any) -> None:
+        cur.execute(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
+        self._feed_locked = True
+
+    def _cached(self, name: tuple[str, str, str]) -> StoredRecord | None:
+        return None if self._exclusive else self._cache.get(name)
+
+    def get_client(self, client_id: str) -> ClientRow | None:
+        client = super().get_client(client_id)
+        self._clients_read.setdefault(client_id, client.last_seq if client else None)
+        return client
+
+    def load_records(
+        self, tenant_id: str, collection: str, record_ids: Iterable[str]
+    ) -> dict[str, StoredRecord]:
+        ids = list(record_ids)
+        found = super().load_records(tenant_id, collection, ids)
+        seen = self._records_read
+        for rid in ids:
+            name = (tenant_id, collection, rid)
+            if name not in seen:
+                rec = found.get(rid)
+                seen[name] = (rec.key, rec.version) if rec else None
+                if rec:
+                    self._versions_read[rec.key] = rec.version
+        return found
+
+    def load_conflicts(self, tenant_id: str, ids: Iterable[str]) -> dict[str, StoredConflict]:
+        found = super().load_conflicts(tenant_id, ids)
+        for cid, conflict in found.items():
+            self._conflicts_read.setdefault(cid, conflict.resolved)
+        return found
+
+    def _claim_feed(self, cur: Any, batch: BatchWrite) -> tuple[int, int]:
+        if not self._feed_locked:
+            self._lock_feed(cur)
+            self._check_unwritten(cur, batch)
+        cur.execute(self._sql.read_state)
+        head, keys = cur.fetchone()
+        self._head, self._keys = head, keys
+        return head, keys
+
+    # What the batch writes is checked by its write (under the feed lock): a stored
+    # record is rewritten only at the version read, the client's row only at the
+    # sequence read, and an insert of a record or a client another writer created
+    # meanwhile fails. What it read and does not write is checked here first.
+
+    def _check_unwritten(self, cur: Any, batch: BatchWrite) -> None:
+        """WriteConflict unless what the batch read and does not write is as it was."""
+        client = batch.client.client_id if batch.client is not None else None
+        for client_id, last_seq in self._clients_read.items():
+            if client_id == client:
+                continue
+            cur.execute("SELECT last_seq FROM clients WHERE client_id = %s", (client_id,))
+            row = cur.fetchone()
+            if (row[0] if row else None) != last_seq:
+                raise WriteConflict(f"client {client_id!r} wrote meanwhile")
+        written = {(r.tenant_id, r.collection, r.record_id) for r in batch.records}
+        kept: dict[int, int] = {}
+        absent: dict[tuple[str, str], list[str]] = {}
+        for name, kv in self._records_read.items():
+            if name in written:
+                continue
+            if kv is None:
+                absent.setdefault(name[:2], []).append(name[2])
+            else:
+                kept[kv[0]] = kv[1]
+        if kept:
+            cur.execute(
+                "SELECT record_key, version FROM records WHERE record_key = ANY(%s)",
+                (list(kept),),
+            )
+            if dict(cur.fetchall()) != kept:
+                raise WriteConflict("a record the batch read was changed meanwhile")
+        for (tenant, collection), rids in absent.items():
+            cur.execute(
+                "SELECT 1 FROM records WHERE tenant_id = %s AND collection = %s"
+                " AND record_id = ANY(%s) LIMIT 1",
+                (tenant, collection, rids),
+            )
+            if cur.fetchone() is not None:
+                raise WriteConflict("a record the batch found absent was created meanwhile")
+        if self._conflicts_read:
+            cur.execute(
+                "SELECT conflict_id, resolved FROM conflicts WHERE conflict_id = ANY(%s)",
+                (list(self._conflicts_read),),
+            )
+            if any(self._conflicts_read[cid] != bool(r) for cid, r in cur.fetchall()):
+                raise WriteConflict("a conflict the batch read was resolved meanwhile")
+
+    def _write_client(self, cur: Any, cl: ClientRow) -> None:
+        read = self._clients_read.get(cl.client_id, "unread")
+        if read == "unread":
+            super()._write_client(cur, cl)
+        elif read is None:
+            try:
+                super()._write_client(cur, cl)
+            except psycopg.errors.UniqueViolation as err:
+                raise WriteConflict(f"client {cl.client_id!r} was created meanwhile") from err
+        else:
+            cur.execute(
+                "UPDATE clients SET last_seq = %s WHERE client_id = %s AND last_seq = %s",
+                (cl.last_seq, cl.client_id, read),
+            )
+            if cur.rowcount != 1:
+                raise WriteConflict(f"client {cl.client_id!r} wrote meanwhile")
 
     def write(self, batch: BatchWrite) -> None:
         super().write(batch)
@@ -582,30 +742,40 @@ class _PgWriteTx(SqlWriteTx):
             notify_feed(self._conn, {r.tenant_id for r in batch.records})
 
     def _insert(self, cur: Any, table: str, rows: Sequence[Sequence[Any]]) -> None:
-        with cur.copy(f"COPY {table} ({', '.join(_INSERT_COLUMNS[table])}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
+        try:
+            with cur.copy(f"COPY {table} ({', '.join(_INSERT_COLUMNS[table])}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        except psycopg.errors.UniqueViolation as err:
+            if table != "records":
+                raise
+            raise WriteConflict("a record the batch creates was created meanwhile") from err
 
     def _update_records(self, cur: Any, rows: Sequence[Sequence[Any]]) -> None:
-        # One per session, emptied at every commit (and a rollback drops its rows).
+        # One per session, emptied at every commit (and a rollback drops its rows);
+        # its name changes with its columns (a pooled session may outlive a release).
         cur.execute(_PG_RECORD_CHANGES)
-        columns = (*_RECORD_COLUMNS, "record_key")
-        with cur.copy(f"COPY record_changes ({', '.join(columns)}) FROM STDIN") as copy:
+        read = self._versions_read
+        columns = (*_RECORD_COLUMNS, "record_key", "read_version")
+        with cur.copy(f"COPY fieldsync_record_changes_2 ({', '.join(columns)}) FROM STDIN") as copy:
             for row in rows:
-                copy.write_row(row)
+                copy.write_row((*row, read.get(row[-1])))
         sets = ", ".join(f"{c} = c.{c}" for c in _RECORD_COLUMNS)
         cur.execute(
-            f"UPDATE records SET {sets} FROM record_changes c"
+            f"UPDATE records SET {sets} FROM fieldsync_record_changes_2 c"
             " WHERE records.record_key = c.record_key"
+            " AND (c.read_version IS NULL OR records.version = c.read_version)"
         )
+        if cur.rowcount != len(rows):
+            raise WriteConflict("a record the batch rewrites was changed meanwhile")
 
 
 _PG_RECORD_CHANGES = (
-    "CREATE TEMPORARY TABLE IF NOT EXISTS record_changes ("
+    "CREATE TEMPORARY TABLE IF NOT EXISTS fieldsync_record_changes_2 ("
     " version BIGINT, deleted BOOLEAN, fields TEXT, field_versions TEXT,"
     " history_floor BIGINT, updated_at BIGINT, updated_by VARCHAR(500),"
     " last_client_id VARCHAR(200), others_version BIGINT, feed_seq BIGINT,"
-    " record_key BIGINT) ON COMMIT DELETE ROWS"
+    " record_key BIGINT, read_version BIGINT) ON COMMIT DELETE ROWS"
 )
 
 
