@@ -47,7 +47,8 @@ from fieldsync.values import FieldValue, decode_fields, from_proto
 from sync_service.feed import decode_cursor
 from sync_service.storage.base import BatchWrite, OutboxEvent
 from sync_service.storage.pg_notify import FEED_CHANNEL, LISTENER_APPLICATION_NAME, libpq_url
-from sync_service.storage.sql import _PG_WRITE_LOCK, SqlStorage
+from sync_service.storage.rows import PG_FEED_LOCK
+from sync_service.storage.sql import SqlStorage
 from tests.pg import PG_SKIP_REASON, fresh_pg_database, pg_server_url
 from tests.proc import SyncProcess, free_port, start_audit_service, start_sync_service
 from tests.support import PATCH, PUT, S, md, mut, plain, token
@@ -624,7 +625,7 @@ def test_a_write_held_open_does_not_make_pull_skip_a_later_commit(cluster: Clust
         try:
             with psycopg.connect(libpq_url(cluster.db_url)) as raw:
                 # A writer that took its feed position and has not committed.
-                raw.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_WRITE_LOCK,))
+                raw.execute("SELECT pg_advisory_xact_lock(%s)", (PG_FEED_LOCK,))
                 row = raw.execute(
                     "UPDATE sync_state SET feed_head = feed_head + 1 WHERE id = 1"
                     " RETURNING feed_head"

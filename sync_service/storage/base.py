@@ -146,6 +146,26 @@ class ConflictPage:
     next_after: tuple[int, str] | None
 
 
+@dataclass(slots=True)
+class Expectations:
+    """What a batch was decided on, for its write to check it is still so.
+
+    A batch decided outside its write transaction (a pipelined Sync stream, an
+    optimistic transaction on PostgreSQL) hands these to `WriteTx.write`,
+    which raises WriteConflict if any differs under the write lock. Every
+    change of a record moves its version, and its history, its client's
+    results and its conflicts change only with it or with the client's
+    sequence, so these cover all a batch reads.
+    """
+
+    clients: dict[str, int | None] = field(default_factory=dict)  # client id -> last_seq
+    records: dict[tuple[str, str, str], int] = field(default_factory=dict)  # -> version; 0 absent
+    conflicts: dict[str, bool] = field(default_factory=dict)  # conflict id -> resolved
+
+    def __bool__(self) -> bool:
+        return bool(self.clients or self.records or self.conflicts)
+
+
 class WriteConflict(Exception):
     """Another writer changed what this transaction read, before it wrote.
 
@@ -155,15 +175,9 @@ class WriteConflict(Exception):
     """
 
 
-class WriteTx(Protocol):
-    """One write transaction: what it reads stays true until it commits.
-
-    An exclusive one holds the database's write lock from its first
-    statement. Where writers can run at once (PostgreSQL) a transaction can be
-    optimistic instead: it reads and decides without any lock, and its write
-    first checks, under the write lock, that nothing it read has changed
-    since (WriteConflict if it has). On SQLite every transaction is exclusive.
-    """
+class Reads(Protocol):
+    """The set-based reads a batch is decided on (a write transaction's, or a read
+    view's: see Storage.read_view)."""
 
     def get_client(self, client_id: str) -> ClientRow | None: ...
 
@@ -181,18 +195,35 @@ class WriteTx(Protocol):
 
     def load_conflicts(self, tenant_id: str, ids: Iterable[str]) -> dict[str, StoredConflict]: ...
 
-    def write(self, batch: BatchWrite) -> None:
+
+class WriteTx(Reads, Protocol):
+    """One write transaction: what it reads stays true until it commits.
+
+    An exclusive one holds the database's write lock from its first
+    statement. Where writers can run at once (PostgreSQL) a transaction can be
+    optimistic instead: it reads and decides without any lock, and its write
+    first checks, under the write lock, that nothing it read has changed
+    since (WriteConflict if it has). On SQLite every transaction is exclusive.
+    """
+
+    def write(self, batch: BatchWrite, expect: Expectations | None = None) -> None:
         """Store the batch (records get the next feed positions); commit follows.
 
         A record's history rows go with it: each HistoryRow names a record of
-        `batch.records` or one already stored. WriteConflict (optimistic
-        transactions only): another writer changed what this one read."""
+        `batch.records` or one already stored. WriteConflict: what the batch
+        was decided on (`expect`, or in an optimistic transaction what it read
+        itself) is no longer so; nothing is written."""
         ...
 
 
 class Storage(Protocol):
     def write_transaction(self, *, exclusive: bool = False) -> AbstractContextManager[WriteTx]:
         """A write transaction (see WriteTx); optimistic where the engine can be."""
+        ...
+
+    def read_view(self) -> AbstractContextManager[Reads]:
+        """Reads outside any write transaction, for a batch decided ahead of its write:
+        they may go stale before it, so that write is given Expectations."""
         ...
 
     def get_records(
