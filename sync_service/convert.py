@@ -7,7 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from fieldsync.v1 import common_pb2, sync_pb2
 from fieldsync.values import fields_from_proto, fields_to_proto, to_proto
 from sync_service.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome
-from sync_service.storage.base import StoredConflict, StoredRecord
+from sync_service.storage.base import FeedRecord, StoredConflict, StoredRecord
 
 
 def mutation_from_proto(pm: sync_pb2.Mutation) -> MutationIn:
@@ -40,7 +40,7 @@ def batch_from_proto(pb: sync_pb2.MutationBatch) -> BatchIn:
     )
 
 
-def record_to_proto(rec: StoredRecord, out: common_pb2.Record) -> None:
+def record_to_proto(rec: StoredRecord | FeedRecord, out: common_pb2.Record) -> None:
     out.collection = rec.collection
     out.record_id = rec.record_id
     out.version = rec.version

@@ -31,7 +31,7 @@ from sync_service.convert import (
 )
 from sync_service.feed import ChangeNotifier, decode_cursor, encode_cursor
 from sync_service.model import BatchIn, BatchOutcome
-from sync_service.storage.base import Storage, StoredRecord
+from sync_service.storage.base import FeedRecord, Storage, StoredRecord
 
 log = logging.getLogger("fieldsync.sync")
 
@@ -265,9 +265,9 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         rows = self._storage.pull(tenant, after, collections, limit)
         out = sync_pb2.PullResponse()
         add = out.changes.add
-        for _, rec in rows:
+        for rec in rows:
             record_to_proto(rec, add())
-        return out, len(rows), rows[-1][0] if rows else 0
+        return out, len(rows), rows[-1].feed_seq if rows else 0
 
     async def Subscribe(
         self, request: sync_pb2.SubscribeRequest, context: Ctx
@@ -285,9 +285,9 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                     self._storage.pull, tenant, position, collections, self._page
                 )
                 if rows:
-                    position = rows[-1][0]
+                    position = rows[-1].feed_seq
                     yield sync_pb2.SubscribeResponse(
-                        changes=_records(r for _, r in rows), cursor=encode_cursor(position)
+                        changes=_records(rows), cursor=encode_cursor(position)
                     )
                     if len(rows) == self._page:
                         continue
@@ -467,7 +467,7 @@ def _log_failure(task: asyncio.Future[Any]) -> None:
         log.warning("work left behind by a closed stream failed: %r", err)
 
 
-def _records(records: Iterable[StoredRecord]) -> list[common_pb2.Record]:
+def _records(records: Iterable[StoredRecord | FeedRecord]) -> list[common_pb2.Record]:
     out = []
     for rec in records:
         pr = common_pb2.Record()

@@ -101,7 +101,7 @@ def test_0003_files_history_under_record_keys_and_keeps_the_feed(storage_url: st
         # Who wrote last is unknown for old rows: anyone's write reads the history.
         assert (r1.last_client, r1.others_version) == ("", 0)
         assert r1.changed_by_others_since("a", 2) and not r1.changed_by_others_since("a", 3)
-        assert [r.record_id for _, r in st.pull(T, 0, [], 10)] == ["r1", "r2"]
+        assert [r.record_id for r in st.pull(T, 0, [], 10)] == ["r1", "r2"]
         assert st.feed_head(T) == 9
         with st.write_transaction() as tx:
             assert tx.load_changes(T, "tasks", {"r1": 1, "r2": 0}) == {
@@ -118,7 +118,7 @@ def test_0003_files_history_under_record_keys_and_keeps_the_feed(storage_url: st
                 )
             )
         pulled = st.pull(T, 9, [], 10)
-        assert [(p, r.record_id) for p, r in pulled] == [(10, "r2"), (11, "r3")]
+        assert [(r.feed_seq, r.record_id) for r in pulled] == [(10, "r2"), (11, "r3")]
         (r3,) = st.get_records(T, "tasks", ["r3"])
         assert r3.key > 9
         with st.write_transaction() as tx:

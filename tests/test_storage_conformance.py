@@ -40,6 +40,7 @@ from sync_service.storage.base import (
     BatchWrite,
     ClientRow,
     ConflictResolution,
+    FeedRecord,
     HistoryRow,
     OutboxEvent,
     StoredConflict,
@@ -203,8 +204,21 @@ def assert_record(got: StoredRecord, want: StoredRecord) -> None:
     )
 
 
-def ids(page: Sequence[tuple[int, StoredRecord]]) -> list[str]:
-    return [r.record_id for _, r in page]
+def assert_fed(got: FeedRecord, want: StoredRecord) -> None:
+    """The record as the feed carries it: its latest state as written."""
+    assert_fields_identical(got.fields, want.fields)
+    assert got.feed_seq > 0
+    assert (got.collection, got.record_id, got.version, got.deleted) == (
+        want.collection,
+        want.record_id,
+        want.version,
+        want.deleted,
+    )
+    assert (got.updated_at, got.updated_by) == (want.updated_at, want.updated_by)
+
+
+def ids(page: Sequence[FeedRecord]) -> list[str]:
+    return [r.record_id for r in page]
 
 
 # -- schema ----------------------------------------------------------------------
@@ -331,8 +345,8 @@ def test_every_value_kind_round_trips_exactly(storage: Storage) -> None:
 
     (got,) = storage.get_records(T1, "tasks", ["r1"])
     assert_record(got, first)
-    ((_, pulled),) = storage.pull(T1, 0, [], 10)
-    assert_record(pulled, first)
+    (pulled,) = storage.pull(T1, 0, [], 10)
+    assert_fed(pulled, first)
     with storage.write_transaction() as tx:
         assert_record(tx.load_records(T1, "tasks", ["r1"])["r1"], first)
 
@@ -407,8 +421,8 @@ def test_every_read_is_confined_to_its_tenant(storage: Storage) -> None:
         assert got.tenant_id == tenant and got.fields == {"owner": tenant}
 
         pulled = storage.pull(tenant, 0, [], 100)
-        assert {r.tenant_id for _, r in pulled} == {tenant}
-        shared = [r for _, r in pulled if r.record_id == "shared"]
+        assert ids(pulled) == (["shared", "only-one"] if tenant == T1 else ["shared"])
+        shared = [r for r in pulled if r.record_id == "shared"]
         assert len(shared) == 1 and shared[0].fields == {"owner": tenant}
 
         page = storage.list_conflicts(
@@ -444,7 +458,7 @@ def test_pull_follows_feed_order_with_each_record_once_at_its_latest(
     commit(storage, BatchWrite(records=[rec(T1, "tasks", "c")]))
     first = storage.pull(T1, 0, [], 100)
     assert ids(first) == ["a", "b", "c"]
-    positions = [p for p, _ in first]
+    positions = [r.feed_seq for r in first]
     assert positions == sorted(set(positions)) and positions[0] > 0
     head = storage.feed_head(T1)
     assert head == positions[-1]
@@ -454,16 +468,16 @@ def test_pull_follows_feed_order_with_each_record_once_at_its_latest(
     commit(storage, BatchWrite(records=[rec(T1, "tasks", "a", version=2, exists=True)]))
     again = storage.pull(T1, 0, [], 100)
     assert ids(again) == ["b", "c", "a"]
-    a_pos, a = again[-1]
-    assert a_pos > head and a.version == 2 and a.fields == {"title": "a v2"}
+    a = again[-1]
+    assert a.feed_seq > head and a.version == 2 and a.fields == {"title": "a v2"}
     assert ids(storage.pull(T1, head, [], 100)) == ["a"]
 
     # Deletes are in the feed as tombstones.
     head = storage.feed_head(T1)
     tomb = rec(T1, "notes", "b", version=2, fields={}, deleted=True, exists=True)
     commit(storage, BatchWrite(records=[tomb]))
-    ((_, got),) = storage.pull(T1, head, [], 100)
-    assert_record(got, tomb)
+    (got,) = storage.pull(T1, head, [], 100)
+    assert_fed(got, tomb)
     assert ids(storage.pull(T1, 0, [], 100)) == ["c", "a", "b"]
 
     assert ids(storage.pull(T1, 0, ["tasks"], 100)) == ["c", "a"]
@@ -477,7 +491,7 @@ def test_pull_follows_feed_order_with_each_record_once_at_its_latest(
     while page := storage.pull(T1, cursor, [], 1):
         assert len(page) == 1
         seen += ids(page)
-        cursor = page[-1][0]
+        cursor = page[-1].feed_seq
     assert seen == ["c", "a", "b"]
     assert cursor == storage.feed_head(T1)
 
@@ -770,7 +784,7 @@ def test_exclusive_writers_wait_for_each_other(storage: Storage) -> None:
     for (_, end), (began, _) in itertools.pairwise(spans):
         assert began >= end, "two write transactions overlapped"
     pulled = storage.pull(T1, 0, [], 100)
-    positions = [p for p, _ in pulled]
+    positions = [r.feed_seq for r in pulled]
     assert len(set(positions)) == len(positions) == 1 + writers
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from fieldsync.values import FieldValue
 from sync_service.merge import Change
@@ -43,6 +43,23 @@ class StoredRecord:
         if self.last_client != client_id:
             return self.version > base
         return self.others_version > base
+
+
+class FeedRecord(NamedTuple):
+    """A record as the change feed (Pull) carries it: its position and latest state.
+
+    Not what only deciding needs (field versions, history floor, who wrote
+    last): a Pull page reads and decodes none of that.
+    """
+
+    feed_seq: int
+    collection: str
+    record_id: str
+    version: int
+    deleted: bool
+    fields: dict[str, FieldValue]
+    updated_at: int  # nanoseconds since the epoch
+    updated_by: str
 
 
 @dataclass(slots=True)  # not frozen: built per mutation, and frozen init costs 4x
@@ -232,7 +249,7 @@ class Storage(Protocol):
 
     def pull(
         self, tenant_id: str, after: int, collections: Sequence[str], limit: int
-    ) -> list[tuple[int, StoredRecord]]:
+    ) -> list[FeedRecord]:
         """Records whose latest change is after feed position `after`, in feed order."""
         ...
 

@@ -6,7 +6,7 @@ so readers are never blocked) and holds the whole database: concurrent
 writers wait instead of failing or interleaving. On PostgreSQL, where several
 service instances write at once, a write transaction is optimistic (it reads
 and decides without a lock and its write checks that nothing it read has
-changed, see _PgWriteTx) or exclusive (the feed lock from the start). Either
+changed, see storage.transactions.PgWriteTx) or exclusive (the feed lock from the start). Either
 way the feed lock, an advisory lock held from handing out the next feed
 positions to the commit, means transactions commit in feed order, so a
 reader asking for `feed_seq > cursor` never skips a late committer. On
@@ -36,9 +36,11 @@ from typing import Any
 from sqlalchemy import BigInteger, and_, cast, extract, func, literal, or_, select
 
 from fieldsync.db import chunks, normalize_url, open_engines, upgrade_schema
+from fieldsync.values import loads_fields
 from sync_service.storage.base import (
     ClientRow,
     ConflictPage,
+    FeedRecord,
     OutboxEvent,
     StoredConflict,
     StoredRecord,
@@ -46,14 +48,12 @@ from sync_service.storage.base import (
 from sync_service.storage.cache import RecordCache
 from sync_service.storage.rows import (
     PG_FEED_LOCK,
-    RECORD_READ,
     Statements,
     conflict_from_row,
     fetch,
     get_client,
     load_conflicts,
     load_records,
-    record_from_tuple,
 )
 from sync_service.storage.tables import conflicts, outbox, records
 from sync_service.storage.transactions import PgWriteTx, SqlReadView, SqlWriteTx
@@ -138,11 +138,11 @@ class SqlStorage:
 
     def pull(
         self, tenant_id: str, after: int, collections: Sequence[str], limit: int
-    ) -> list[tuple[int, StoredRecord]]:
+    ) -> list[FeedRecord]:
         ph = self._statements.ph
         sql = (
-            f"SELECT feed_seq, collection, {RECORD_READ} FROM records"
-            f" WHERE tenant_id = {ph} AND feed_seq > {ph}"
+            "SELECT feed_seq, collection, record_id, version, deleted, fields,"
+            f" updated_at, updated_by FROM records WHERE tenant_id = {ph} AND feed_seq > {ph}"
         )
         params: list[Any] = [tenant_id, after]
         if collections:
@@ -152,7 +152,10 @@ class SqlStorage:
         params.append(limit)
         with self._read.connect() as conn:
             rows = fetch(conn, sql, params)
-        return [(row[0], record_from_tuple(tenant_id, row[1], row[2:])) for row in rows]
+        return [
+            FeedRecord(seq, coll, rid, version, bool(deleted), loads_fields(fields), at, by)
+            for seq, coll, rid, version, deleted, fields, at, by in rows
+        ]
 
     def feed_head(self, tenant_id: str) -> int:
         q = select(func.coalesce(func.max(records.c.feed_seq), 0)).where(
