@@ -835,6 +835,34 @@ def test_a_rolled_back_write_is_never_served_from_the_cache(storage: Storage) ->
         assert tx.load_records(T1, "x", ["n"]) == {}
 
 
+def test_a_write_not_yet_committed_is_never_read_from_the_cache(
+    storage: Storage, storage_url: str
+) -> None:
+    """Optimistic transactions read while another writes (PostgreSQL). One that read
+    a row before its commit would find that row's history missing (not visible
+    yet): a change by another client would look like none, and its version check
+    would pass once the writer commits. So it sees the record as committed, with
+    the history that goes with it. (SQLite: one writer at a time, nothing to race.)"""
+    if not storage_url.startswith("postgresql"):
+        pytest.skip("SQLite writers hold the database's lock from their first read")
+    commit(storage, BatchWrite(records=[rec(T1, "tasks", "r1")]))
+    with storage.write_transaction() as writer:
+        current = writer.load_records(T1, "tasks", ["r1"])["r1"]
+        mine = dataclasses.replace(current, version=2, fields={"title": "theirs"})
+        writer.write(
+            BatchWrite(records=[mine], history=[hist(T1, "tasks", "r1", 2, {"title": "r1 v1"})])
+        )
+        # The writer holds the feed lock and has not committed: another reads.
+        with storage.write_transaction() as reader:
+            seen = reader.load_records(T1, "tasks", ["r1"])["r1"]
+            changes = reader.load_changes(T1, "tasks", {"r1": 1})["r1"]
+            assert (seen.version, seen.fields, changes) == (1, {"title": "r1 v1"}, [])
+    with storage.write_transaction() as reader:  # committed now: the row and its history
+        seen = reader.load_records(T1, "tasks", ["r1"])["r1"]
+        (change,) = reader.load_changes(T1, "tasks", {"r1": 1})["r1"]
+        assert (seen.version, seen.fields, change.version) == (2, {"title": "theirs"}, 2)
+
+
 def test_a_rolled_back_write_is_not_served_when_another_writer_reaches_the_same_head(
     storage_url: str,
 ) -> None:

@@ -193,8 +193,7 @@ class WriteConflict(Exception):
 
 
 class Reads(Protocol):
-    """The set-based reads a batch is decided on (a write transaction's, or a read
-    view's: see Storage.read_view)."""
+    """The set-based reads a batch is decided on (a write transaction's)."""
 
     def get_client(self, client_id: str) -> ClientRow | None: ...
 
@@ -236,11 +235,6 @@ class WriteTx(Reads, Protocol):
 class Storage(Protocol):
     def write_transaction(self, *, exclusive: bool = False) -> AbstractContextManager[WriteTx]:
         """A write transaction (see WriteTx); optimistic where the engine can be."""
-        ...
-
-    def read_view(self) -> AbstractContextManager[Reads]:
-        """Reads outside any write transaction, for a batch decided ahead of its write:
-        they may go stale before it, so that write is given Expectations."""
         ...
 
     def get_records(

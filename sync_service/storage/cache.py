@@ -17,6 +17,14 @@ are provably the database's own:
   can look); if anything fails before the commit is through, the cache is
   emptied, so a rolled-back write is never served.
 
+On PostgreSQL, optimistic transactions read the cache without the lock and
+check afterwards that each record they read is still at the version they
+read (storage/transactions.PgWriteTx), so there the head is not used: rows
+are handed over only once committed (`committed`), never over a newer copy.
+A row seen before its commit would come without its history, which is not
+visible yet, and its version would pass the check once it commits: a change
+by another client would look like none.
+
 Only records are kept (not their history, conflicts or results), at most
 `capacity` of them, the least recently stored dropped first. Rows in the
 cache are shared with callers, who must not change them.
@@ -24,6 +32,7 @@ cache are shared with callers, who must not change them.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from itertools import islice
 
@@ -37,6 +46,7 @@ class RecordCache:
         self.capacity = capacity
         self._rows: dict[Key, StoredRecord] = {}
         self._head: int | None = None  # None: nothing is known
+        self._lock = threading.Lock()  # for committed(), called from several threads
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -70,6 +80,21 @@ class RecordCache:
         """The transaction is about to commit these rows, moving the feed to `head`."""
         self._head = head
         self.store(rows)
+
+    def committed(self, rows: Iterable[StoredRecord]) -> None:
+        """Rows a transaction has committed, for readers that do not hold the write
+        lock (PostgreSQL's optimistic transactions): a cached row is then never
+        newer than the database. Transactions may hand theirs over in another
+        order than they committed, so a row replaces only an older copy; a copy
+        that is stale anyway fails the reader's version check."""
+        with self._lock:
+            cached = self._rows
+            self.store(
+                r
+                for r in rows
+                if (old := cached.get((r.tenant_id, r.collection, r.record_id))) is None
+                or old.version < r.version
+            )
 
     def forget(self) -> None:
         """Something failed: nothing cached can be trusted."""

@@ -56,7 +56,7 @@ from sync_service.storage.rows import (
     load_records,
 )
 from sync_service.storage.tables import conflicts, outbox, records
-from sync_service.storage.transactions import PgWriteTx, SqlReadView, SqlWriteTx
+from sync_service.storage.transactions import PgWriteTx, SqlWriteTx
 
 log = logging.getLogger("fieldsync.storage")
 
@@ -112,20 +112,16 @@ class SqlStorage:
     def write_transaction(self, *, exclusive: bool = False) -> Iterator[SqlWriteTx]:
         try:
             with self._write.begin() as conn:
-                if self.dialect == "postgresql":
-                    yield PgWriteTx(conn, self._statements, self._cache, exclusive=exclusive)
-                else:
-                    yield SqlWriteTx(conn, self._statements, self._cache)
+                tx = (
+                    PgWriteTx(conn, self._statements, self._cache, exclusive=exclusive)
+                    if self.dialect == "postgresql"
+                    else SqlWriteTx(conn, self._statements, self._cache)
+                )
+                yield tx
+            tx.committed()
         except BaseException:
             self._cache.forget()  # what the transaction handed it may not be committed
             raise
-
-    @contextmanager
-    def read_view(self) -> Iterator[SqlReadView]:
-        # One transaction on SQLite (a snapshot across the reads); on PostgreSQL
-        # each read sees what is committed when it runs: the Expectations check.
-        with self._read.begin() as conn:
-            yield SqlReadView(conn, self._statements, self._cache)
 
     # -- reads ----------------------------------------------------------------
 

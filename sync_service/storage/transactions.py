@@ -1,8 +1,7 @@
 """A batch's reads and its write on the sync database, for SQLite and PostgreSQL.
 
 `SqlWriteTx` (SQLite) and `PgWriteTx` (PostgreSQL) are the write
-transactions of storage/base.WriteTx; `SqlReadView` reads outside any write
-transaction (Storage.read_view). All share the reads of `_Reads`.
+transactions of storage/base.WriteTx. Both share the reads of `_Reads`.
 
 How the check of Expectations works, on both engines: what the batch writes
 is checked by its own statements, under the write lock: a stored record is
@@ -122,19 +121,6 @@ class _Reads:
 
     def load_conflicts(self, tenant_id: str, ids: Iterable[str]) -> dict[str, StoredConflict]:
         return load_conflicts(self._conn, tenant_id, list(ids))
-
-
-class SqlReadView(_Reads):
-    """Reads on a read connection, outside any write transaction (Storage.read_view).
-
-    Cached rows are used as they are: a batch decided on these reads is
-    written with Expectations, and a stale row fails their check.
-    """
-
-    def __init__(self, conn: Connection, sql: Statements, cache: RecordCache) -> None:
-        self._conn = conn
-        self._sql = sql
-        self._cache = cache
 
 
 class SqlWriteTx(_Reads):
@@ -271,7 +257,19 @@ class SqlWriteTx(_Reads):
             cur.execute(self._sql.write_state, (head, keys))
             self._head, self._keys = head, keys
         cur.close()
+        self._hand_over(written, head)
+
+    def _hand_over(self, written: list[StoredRecord], head: int) -> None:
+        """Give the cache the rows this transaction writes (see storage/cache.py).
+
+        On SQLite now, before the commit: the transaction holds the database's
+        write lock, and only a write transaction (which waits for that lock)
+        reads the cache.
+        """
         self._cache.committing(written, head)
+
+    def committed(self) -> None:
+        """The transaction committed (called by the storage, after the commit)."""
 
     # -- checks and writes that differ by engine -------------------------------------
 
@@ -422,6 +420,7 @@ class PgWriteTx(SqlWriteTx):
         self._exclusive = exclusive
         self._read = Expectations()  # what this transaction read itself
         self._feed_locked = False
+        self._written: list[StoredRecord] = []  # for the cache, once committed
         if exclusive:
             self._lock_feed(conn.connection.cursor())
 
@@ -471,6 +470,16 @@ class PgWriteTx(SqlWriteTx):
         super().write(batch, expect)
         if batch.records:
             notify_feed(self._conn, {r.tenant_id for r in batch.records})
+
+    def _hand_over(self, written: list[StoredRecord], head: int) -> None:
+        # Not before the commit: optimistic transactions read the cache without
+        # the lock, and a row they saw before its commit would come without its
+        # history (not visible yet), so a change by another client would look
+        # like none, and its version would pass the check once committed.
+        self._written = written
+
+    def committed(self) -> None:
+        self._cache.committed(self._written)
 
     def _versions(self, cur: Any, tenant: str, collection: str, rids: list[str]) -> dict[str, int]:
         cur.execute(
