@@ -43,6 +43,7 @@ EXIT_SLACK = 5.0
 # So long that a process exiting within it cannot have waited it out.
 LONG_GRACE = 30.0
 CALL_TIMEOUT = 30.0
+TOKEN_COMMAND = str(Path(sys.executable).with_name("fieldsync-token"))
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,15 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SyncProcess]:
 def channel(service: SyncProcess) -> Iterator[grpc.Channel]:
     with fast_reconnect_channel(service.address) as ch:
         yield ch
+
+
+def _run(argv: list[str], cwd: Path, **settings: str) -> subprocess.CompletedProcess[str]:
+    """A command with none of the developer's FIELDSYNC_* settings, only `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDSYNC_")}
+    env.update(settings)
+    return subprocess.run(
+        argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=CALL_TIMEOUT, check=False
+    )
 
 
 def _sync_stub(channel: grpc.Channel) -> sync_pb2_grpc.SyncServiceStub:
@@ -145,17 +155,10 @@ def test_a_call_without_a_token_or_with_a_forged_one_is_unauthenticated(
 def test_fieldsync_token_mints_a_token_the_running_service_accepts(
     channel: grpc.Channel, tmp_path: Path
 ) -> None:
-    command = Path(sys.executable).with_name("fieldsync-token")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDSYNC_")}
-    env["FIELDSYNC_JWT_SECRET"] = SECRET
-    done = subprocess.run(
-        [str(command), "--tenant", "t-cli", "--sub", "u-cli", "--role", "member"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=CALL_TIMEOUT,
-        check=False,
+    done = _run(
+        [TOKEN_COMMAND, "--tenant", "t-cli", "--sub", "u-cli", "--role", "member"],
+        tmp_path,
+        FIELDSYNC_JWT_SECRET=SECRET,
     )
     assert done.returncode == 0, done.stderr
     tok = done.stdout.strip()
@@ -184,17 +187,7 @@ def test_fieldsync_token_mints_a_token_the_running_service_accepts(
 
 
 def test_fieldsync_token_without_the_secret_fails_and_says_why(tmp_path: Path) -> None:
-    command = Path(sys.executable).with_name("fieldsync-token")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDSYNC_")}
-    done = subprocess.run(
-        [str(command), "--tenant", "t", "--sub", "u"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=CALL_TIMEOUT,
-        check=False,
-    )
+    done = _run([TOKEN_COMMAND, "--tenant", "t", "--sub", "u"], tmp_path)
     assert done.returncode != 0
     assert done.stdout == ""
     assert "FIELDSYNC_JWT_SECRET" in done.stderr
@@ -204,16 +197,11 @@ def test_fieldsync_token_without_the_secret_fails_and_says_why(tmp_path: Path) -
 def test_a_bad_record_cache_setting_stops_the_start_and_names_it(
     tmp_path: Path, value: str
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDSYNC_")}
-    env.update(FIELDSYNC_JWT_SECRET="s" * 32, FIELDSYNC_RECORD_CACHE=value)
-    done = subprocess.run(
+    done = _run(
         [sys.executable, "-m", "sync_service"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=CALL_TIMEOUT,
-        check=False,
+        tmp_path,
+        FIELDSYNC_JWT_SECRET="s" * 32,
+        FIELDSYNC_RECORD_CACHE=value,
     )
     assert done.returncode == 2
     assert "configuration error: FIELDSYNC_RECORD_CACHE must" in done.stderr

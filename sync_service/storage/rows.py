@@ -186,25 +186,6 @@ def record_from_tuple(tenant_id: str, collection: str, row: Sequence[Any]) -> St
     )
 
 
-def record_from_row(row: Any) -> StoredRecord:
-    return StoredRecord(
-        tenant_id=row.tenant_id,
-        collection=row.collection,
-        record_id=row.record_id,
-        version=row.version,
-        deleted=bool(row.deleted),
-        fields=loads_fields(row.fields),
-        field_versions=loads(row.field_versions),
-        history_floor=row.history_floor,
-        updated_at=row.updated_at,
-        updated_by=row.updated_by,
-        exists=True,
-        last_client=row.last_client_id,
-        others_version=row.others_version,
-        key=row.record_key,
-    )
-
-
 def conflict_row(c: StoredConflict) -> dict[str, Any]:
     return {
         "conflict_id": c.conflict_id,
