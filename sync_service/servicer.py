@@ -411,7 +411,11 @@ class _Inbox:
         if self.ended:
             return []
         if self._held is None:
-            self._held = await self._queue.get()
+            item = await self._queue.get()
+            if item is None:
+                self.ended = True  # the client is done sending
+                return []
+            self._held = item
         return self.group_waiting()
 
     def group_waiting(self) -> list[BatchIn]:

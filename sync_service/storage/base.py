@@ -163,26 +163,6 @@ class ConflictPage:
     next_after: tuple[int, str] | None
 
 
-@dataclass(slots=True)
-class Expectations:
-    """What a batch was decided on, for its write to check it is still so.
-
-    A batch decided outside its write transaction (a pipelined Sync stream, an
-    optimistic transaction on PostgreSQL) hands these to `WriteTx.write`,
-    which raises WriteConflict if any differs under the write lock. Every
-    change of a record moves its version, and its history, its client's
-    results and its conflicts change only with it or with the client's
-    sequence, so these cover all a batch reads.
-    """
-
-    clients: dict[str, int | None] = field(default_factory=dict)  # client id -> last_seq
-    records: dict[tuple[str, str, str], int] = field(default_factory=dict)  # -> version; 0 absent
-    conflicts: dict[str, bool] = field(default_factory=dict)  # conflict id -> resolved
-
-    def __bool__(self) -> bool:
-        return bool(self.clients or self.records or self.conflicts)
-
-
 class WriteConflict(Exception):
     """Another writer changed what this transaction read, before it wrote.
 
@@ -222,13 +202,12 @@ class WriteTx(Reads, Protocol):
     since (WriteConflict if it has). On SQLite every transaction is exclusive.
     """
 
-    def write(self, batch: BatchWrite, expect: Expectations | None = None) -> None:
+    def write(self, batch: BatchWrite) -> None:
         """Store the batch (records get the next feed positions); commit follows.
 
         A record's history rows go with it: each HistoryRow names a record of
-        `batch.records` or one already stored. WriteConflict: what the batch
-        was decided on (`expect`, or in an optimistic transaction what it read
-        itself) is no longer so; nothing is written."""
+        `batch.records` or one already stored. WriteConflict (an optimistic
+        transaction): what it read is no longer so; nothing is written."""
         ...
 
 

@@ -3,7 +3,8 @@
 `SqlWriteTx` (SQLite) and `PgWriteTx` (PostgreSQL) are the write
 transactions of storage/base.WriteTx. Both share the reads of `_Reads`.
 
-How the check of Expectations works, on both engines: what the batch writes
+How an optimistic transaction's check of Expectations works (PostgreSQL; a
+SQLite transaction is exclusive and checks nothing): what the batch writes
 is checked by its own statements, under the write lock: a stored record is
 rewritten only at the version it was decided on (row count checked), the
 client's row only at the sequence it was decided on, and inserting a record
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
@@ -32,7 +33,6 @@ from sync_service.merge import Change
 from sync_service.storage.base import (
     BatchWrite,
     ClientRow,
-    Expectations,
     StoredConflict,
     StoredRecord,
     StoredResult,
@@ -54,6 +54,25 @@ from sync_service.storage.rows import (
 from sync_service.storage.tables import conflicts
 
 Name = tuple[str, str, str]  # tenant, collection, record id
+
+
+@dataclass(slots=True)
+class Expectations:
+    """What an optimistic transaction read, for its write to check it is still so.
+
+    PgWriteTx notes these as it reads, and its write raises WriteConflict if
+    any differs under the write lock. Every
+    change of a record moves its version, and its history, its client's
+    results and its conflicts change only with it or with the client's
+    sequence, so these cover all a batch reads.
+    """
+
+    clients: dict[str, int | None] = field(default_factory=dict)  # client id -> last_seq
+    records: dict[tuple[str, str, str], int] = field(default_factory=dict)  # -> version; 0 absent
+    conflicts: dict[str, bool] = field(default_factory=dict)  # conflict id -> resolved
+
+    def __bool__(self) -> bool:
+        return bool(self.clients or self.records or self.conflicts)
 
 
 class _Reads:
@@ -144,15 +163,15 @@ class SqlWriteTx(_Reads):
         """The feed head and the last record key this write goes on from, under the lock."""
         return self._head, self._keys
 
-    def _expectations(self, given: Expectations | None) -> Expectations | None:
-        """What to check the write against (SQLite: only what it is given)."""
-        return given
+    def _expectations(self) -> Expectations | None:
+        """What to check the write against (SQLite: nothing, the transaction is exclusive)."""
+        return None
 
-    def write(self, batch: BatchWrite, expect: Expectations | None = None) -> None:
+    def write(self, batch: BatchWrite) -> None:
         conn = self._conn
         cur = conn.connection.cursor()
         head, keys = start = self._claim_feed(cur)
-        check = self._expectations(expect)
+        check = self._expectations()
         if check:
             self._check_unwritten(cur, batch, check)
         known = self._record_keys(batch)
@@ -461,13 +480,11 @@ class PgWriteTx(SqlWriteTx):
         self._head, self._keys = head, keys
         return head, keys
 
-    def _expectations(self, given: Expectations | None) -> Expectations | None:
-        if given is not None:
-            return given
+    def _expectations(self) -> Expectations | None:
         return None if self._exclusive else self._read
 
-    def write(self, batch: BatchWrite, expect: Expectations | None = None) -> None:
-        super().write(batch, expect)
+    def write(self, batch: BatchWrite) -> None:
+        super().write(batch)
         if batch.records:
             notify_feed(self._conn, {r.tenant_id for r in batch.records})
 
