@@ -1,10 +1,16 @@
-"""Compact JSON text, made by the C encoder in one call.
+"""Compact JSON text, made by the C encoder in one call, and read by the C scanner.
 
 `json.JSONEncoder.encode` builds a new C encoder object on every call, which
 costs as much as encoding a small record; the services encode several small
 documents per mutation, so they build one encoder here, once, and call it
 directly. The text is exactly `json.dumps(o, separators=(",", ":"),
 ensure_ascii=False)` (with `default` and `allow_nan` as given).
+
+Reading is the same story the other way: `json.loads` (and
+`JSONDecoder.decode`) wrap the C scanner in a whitespace regex and index
+checks that cost as much as the scan of a small record, and the services read
+one stored document per record they send. `loads` calls the scanner directly
+and takes the long way only when the text is not one compact document.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from json import encoder as _encoder
+from json import scanner as _scanner
 from typing import Any
 
 
@@ -46,3 +53,20 @@ def make_dumps(
 
 dumps = make_dumps()
 """Compact JSON text of a plain document."""
+
+
+_decoder = json.JSONDecoder()
+# The C scanner where there is one (typeshed has make_scanner take a scanner, not a decoder).
+_scan: Callable[[str, int], tuple[Any, int]] = _scanner.make_scanner(_decoder)  # type: ignore[arg-type]
+
+
+def loads(text: str) -> Any:
+    """The document in JSON text: `json.loads(text)` (the same value, and the same
+    JSONDecodeError for text that is not JSON)."""
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:  # not a value at 0 (empty, leading blank, garbage)
+        return _decoder.decode(text)
+    if end != len(text):  # trailing blanks or garbage: decode accepts or says why
+        return _decoder.decode(text)
+    return value

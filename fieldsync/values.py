@@ -13,14 +13,13 @@ Nothing here knows about schemas or coercion (see sync_service.decode).
 from __future__ import annotations
 
 import base64
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
-from fieldsync.jsontext import dumps, make_dumps
+from fieldsync.jsontext import dumps, loads, make_dumps
 from fieldsync.v1 import common_pb2
 
 
@@ -212,7 +211,6 @@ def _tagged(v: Any) -> Any:
 # Floats that are not finite raise instead of writing NaN (not JSON): dumps_fields
 # then takes the long way, which tags them.
 _dumps_plain = make_dumps(_tagged, allow_nan=False)
-_loads = json.JSONDecoder().decode
 
 
 def dumps_fields(fields: Mapping[str, FieldValue]) -> str:
@@ -232,7 +230,7 @@ def loads_fields(text: str) -> Fields:
     parsed JSON is already the fields. (A `"$` inside a string only sends that
     text the long way.)
     """
-    j = _loads(text)
+    j = loads(text)
     if '"$' not in text:
         return j  # type: ignore[no-any-return]
     return decode_fields(j)

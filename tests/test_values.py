@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fieldsync.jsontext import dumps, make_dumps
+from fieldsync.jsontext import dumps, loads, make_dumps
 from fieldsync.v1 import common_pb2
 from fieldsync.values import (
     FieldValue,
@@ -98,6 +98,26 @@ JSON_DOCS = st.recursive(
 @given(JSON_DOCS)
 def test_compact_json_is_exactly_json_dumps(doc: Any) -> None:
     assert dumps(doc) == plain_dumps(doc)
+
+
+@PROPERTY
+@given(JSON_DOCS, st.sampled_from([None, 1, 2]))
+def test_reading_json_is_exactly_json_loads(doc: Any, indent: int | None) -> None:
+    compact = dumps(doc)
+    assert loads(compact) == json.loads(compact)
+    spaced = " " + json.dumps(doc, indent=indent) + "\n"  # blanks the fast path does not take
+    assert loads(spaced) == json.loads(spaced)
+
+
+@pytest.mark.parametrize(
+    "text", ["", " ", "{", '{"a":1}x', '{"a":1} {}', "nope", '{"a":NaNx}', "[1,]"]
+)
+def test_text_that_is_not_json_fails_as_json_loads_does(text: str) -> None:
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(text)
+    with pytest.raises(json.JSONDecodeError) as got:
+        loads(text)
+    assert (got.value.msg, got.value.pos) == (expected.value.msg, expected.value.pos)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

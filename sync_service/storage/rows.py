@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from fieldsync.db import chunks
-from fieldsync.jsontext import dumps
+from fieldsync.jsontext import dumps, loads
 from fieldsync.values import decode, encode, loads_fields
 from sync_service.storage.base import (
     ClientRow,
@@ -26,8 +26,6 @@ from sync_service.storage.base import (
     StoredRecord,
 )
 from sync_service.storage.tables import conflicts
-
-loads = json.JSONDecoder().decode
 
 PG_FEED_LOCK = 0x46_53_59_4E  # "FSYN": the advisory lock of the feed (writes, migrations)
 
