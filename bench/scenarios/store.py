@@ -159,7 +159,7 @@ def pull(ctx: Ctx) -> Figures:
     proc = procs.start_sync(f"sqlite:///{template}", ctx.audit_addr, folder)
     with procs.running(proc):
         md = workload.metadata(sub="puller")
-        for rep in ctx.repetitions("pull"):
+        for rep in ctx.repetitions("pull", s.pull_reps):
             n, seconds, pages = driver.pull_all(proc.address, md, deadline=s.pull_cap)
             big_n, big_seconds, _ = driver.pull_all(
                 proc.address, md, page_size=BIG_PAGE, deadline=s.pull_cap
@@ -176,7 +176,7 @@ def pull(ctx: Ctx) -> Figures:
                 }
             )
             ctx.log(
-                f"pull rep {rep + 1}/{ctx.reps}: {runs[-1]['value']:.0f} records/s "
+                f"pull rep {rep + 1}/{s.pull_reps}: {runs[-1]['value']:.0f} records/s "
                 f"({pages} pages); {big_n / big_seconds:.0f}/s with pages of {BIG_PAGE}"
             )
     template.unlink(missing_ok=True)
