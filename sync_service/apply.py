@@ -17,10 +17,11 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -54,6 +55,8 @@ from sync_service.storage.base import (
     WriteConflict,
     WriteTx,
 )
+
+log = logging.getLogger("fieldsync.sync")
 
 MAX_ID_LENGTH = 200
 MAX_RECORD_ID_LENGTH = 500
@@ -123,37 +126,91 @@ class Applier:
         commit): they are applied in order, each stopping at its own gap,
         with one commit, and each gets the answer it would have got alone.
         """
+        self._check_group(batches)
+        on_decided = None if decided is None else lambda results: decided(_only(results))
+        return _only(self._apply_groups([(principal, batches)], on_decided))
+
+    def apply_many(
+        self,
+        groups: Sequence[tuple[Principal, list[BatchIn]]],
+        decided: Callable[[list[list[BatchOutcome] | Exception]], None] | None = None,
+    ) -> list[list[BatchOutcome] | Exception]:
+        """Several clients' batch groups (as apply_batches takes them) in one transaction.
+
+        Writes that wait for the database together commit together: one
+        commit (one fsync) and one transaction's overhead for all of them.
+        Each group is applied after the ones before it, exactly as it would
+        be in a transaction of its own that committed next, and gets the
+        same outcomes. A group that fails alone (its client belongs to
+        another user) gets its error in its place; if the transaction fails
+        as a whole, each group is applied again alone, so one group's
+        failure is never another's. `decided` is told the results of the
+        attempt that is about to commit.
+        """
+        for _, batches in groups:
+            self._check_group(batches)
+        try:
+            return self._apply_groups(groups, decided)
+        except Exception:
+            if len(groups) == 1:
+                raise
+            log.warning("a combined write of %d clients failed; applying each alone", len(groups))
+        results: list[list[BatchOutcome] | Exception] = []
+        for principal, batches in groups:
+            try:
+                results.append(_only(self._apply_groups([(principal, batches)], None)))
+            except Exception as err:  # it is that group's answer
+                results.append(err)
+        if decided is not None:
+            decided(results)
+        return results
+
+    def _check_group(self, batches: list[BatchIn]) -> None:
         for batch in batches:
             self.check_batch(batch)
         client_ids = {b.client_id for b in batches}
         if len(client_ids) != 1:
             raise ValueError(f"one client's batches only, not {sorted(client_ids)}")
+
+    def _apply_groups(
+        self,
+        groups: Sequence[tuple[Principal, list[BatchIn]]],
+        decided: Callable[[list[list[BatchOutcome] | Exception]], None] | None,
+    ) -> list[list[BatchOutcome] | Exception]:
         try:
-            return self._apply_batches(principal, batches, decided, exclusive=False)
+            return self._attempt(groups, decided, exclusive=False)
         except WriteConflict:
             # Another instance changed what this attempt read (PostgreSQL):
             # nothing of it was kept; again, holding the write lock throughout.
-            return self._apply_batches(principal, batches, decided, exclusive=True)
+            return self._attempt(groups, decided, exclusive=True)
 
-    def _apply_batches(
+    def _attempt(
         self,
-        principal: Principal,
-        batches: list[BatchIn],
-        decided: Callable[[list[BatchOutcome]], None] | None,
+        groups: Sequence[tuple[Principal, list[BatchIn]]],
+        decided: Callable[[list[list[BatchOutcome] | Exception]], None] | None,
         *,
         exclusive: bool,
-    ) -> list[BatchOutcome]:
+    ) -> list[list[BatchOutcome] | Exception]:
+        results: list[list[BatchOutcome] | Exception] = []
         with self._storage.write_transaction(exclusive=exclusive) as tx:
-            client = _claim_client(tx, principal, batches[0].client_id)
-            run = _BatchRun(self, tx, principal, client, batches[0].schema_version)
-            outcomes = run.apply(batches)
-            run.flush()
+            for principal, batches in groups:
+                try:
+                    client = _claim_client(tx, principal, batches[0].client_id)
+                except FieldSyncError as err:
+                    if len(groups) == 1:
+                        raise
+                    results.append(err)  # it read, and wrote nothing
+                    continue
+                run = _BatchRun(self, tx, principal, client, batches[0].schema_version)
+                outcomes = run.apply(batches)
+                run.flush()
+                results.append(outcomes)
             if decided is not None:
                 # Final unless the commit fails: the caller may prepare the answers
                 # while the commit runs (in the database, without the GIL) and
                 # send them after.
-                decided(outcomes)
-        return outcomes
+                decided(results)
+        return results
 
     def check_batch(self, batch: BatchIn) -> None:
         """The checks of a batch as a whole (InvalidArgument), before anything is read."""
@@ -245,6 +302,13 @@ class Applier:
                 record = result.record
             run.flush()
         return record
+
+
+def _only(results: list[list[BatchOutcome] | Exception]) -> list[BatchOutcome]:
+    (result,) = results
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def _claim_client(tx: WriteTx, principal: Principal, client_id: str) -> ClientRow:

@@ -83,6 +83,7 @@ class SyncApp:
             self.notifier,
             pull_page_size=self.config.pull_page_size,
             subscribe_poll_seconds=self.config.subscribe_poll_seconds,
+            combine_writes=self.storage.dialect == "sqlite",
         )
         sync_pb2_grpc.add_SyncServiceServicer_to_server(servicer, server)
         if self.storage.dialect == "postgresql":
@@ -180,6 +181,12 @@ async def serve(config: SyncConfig) -> None:
     await set_health(health_servicer, names, NOT_SERVING)
     app.begin_shutdown()
     await server.stop(config.shutdown_grace_seconds)
+    if app.servicer is not None:
+        log.info(
+            "writes: %d applied in %d transactions",
+            app.servicer.writes,
+            app.servicer.write_transactions,
+        )
     await app.subscriptions_ended(config.shutdown_grace_seconds)
     await app.stop_relay()
     app.close()

@@ -863,6 +863,50 @@ def test_a_write_not_yet_committed_is_never_read_from_the_cache(
         assert (seen.version, seen.fields, change.version) == (2, {"title": "theirs"}, 2)
 
 
+def test_a_second_write_in_one_transaction_reads_the_first_and_passes_its_checks(
+    storage: Storage,
+) -> None:
+    """Several clients' batches can share a transaction, each written in turn. The
+    second reads the rows the first wrote (not the cache's older copy), and is
+    checked against what it read itself: the first's reads are out of date by
+    then (it changed them) and must not fail it."""
+    commit(storage, BatchWrite(records=[rec(T1, "tasks", "r1"), rec(T1, "tasks", "r2")]))
+    with storage.write_transaction() as tx:
+        r1 = tx.load_records(T1, "tasks", ["r1"])["r1"]  # cached or read: version 1
+        tx.write(
+            BatchWrite(
+                records=[dataclasses.replace(r1, version=2, fields={"title": "first"})],
+                history=[hist(T1, "tasks", "r1", 2, {"title": "r1 v1"})],
+            )
+        )
+        again = tx.load_records(T1, "tasks", ["r1", "r2"])
+        assert (again["r1"].version, again["r1"].fields) == (2, {"title": "first"})
+        tx.write(
+            BatchWrite(
+                records=[
+                    dataclasses.replace(again["r1"], version=3, fields={"title": "second"}),
+                    dataclasses.replace(again["r2"], version=2, fields={"title": "r2 second"}),
+                ],
+                history=[
+                    hist(T1, "tasks", "r1", 3, {"title": "first"}),
+                    hist(T1, "tasks", "r2", 2, {"title": "r2 v1"}),
+                ],
+            )
+        )
+    with storage.write_transaction() as tx:
+        now = tx.load_records(T1, "tasks", ["r1", "r2"])
+        changes = tx.load_changes(T1, "tasks", {"r1": 1})["r1"]
+    assert [(r.version, r.fields["title"]) for r in (now["r1"], now["r2"])] == [
+        (3, "second"),
+        (2, "r2 second"),
+    ]
+    assert [c.version for c in changes] == [2, 3]
+    assert [(r.record_id, r.version) for r in storage.pull(T1, 0, [], 10)] == [
+        ("r1", 3),
+        ("r2", 2),
+    ]
+
+
 def test_a_rolled_back_write_is_not_served_when_another_writer_reaches_the_same_head(
     storage_url: str,
 ) -> None:

@@ -439,7 +439,7 @@ class PgWriteTx(SqlWriteTx):
         self._exclusive = exclusive
         self._read = Expectations()  # what this transaction read itself
         self._feed_locked = False
-        self._written: list[StoredRecord] = []  # for the cache, once committed
+        self._written: dict[Name, StoredRecord] = {}  # for the cache, once committed
         if exclusive:
             self._lock_feed(conn.connection.cursor())
 
@@ -448,7 +448,12 @@ class PgWriteTx(SqlWriteTx):
         self._feed_locked = True
 
     def _cached(self, name: Name) -> StoredRecord | None:
-        return None if self._exclusive else self._cache.get(name)
+        # What this transaction wrote is exact within it (a second write of
+        # several clients' batches in one transaction reads the first's rows).
+        own = self._written.get(name)
+        if own is not None or self._exclusive:
+            return own
+        return self._cache.get(name)
 
     def get_client(self, client_id: str) -> ClientRow | None:
         client = super().get_client(client_id)
@@ -487,16 +492,22 @@ class PgWriteTx(SqlWriteTx):
         super().write(batch)
         if batch.records:
             notify_feed(self._conn, {r.tenant_id for r in batch.records})
+        # Checked: and from here to the commit this transaction holds the feed
+        # lock, so a later write in it (another client's batch) reads under the
+        # lock. What this one read is no longer what a later one must find:
+        # this write changed it.
+        self._read = Expectations()
 
     def _hand_over(self, written: list[StoredRecord], head: int) -> None:
         # Not before the commit: optimistic transactions read the cache without
         # the lock, and a row they saw before its commit would come without its
         # history (not visible yet), so a change by another client would look
         # like none, and its version would pass the check once committed.
-        self._written = written
+        for rec in written:
+            self._written[(rec.tenant_id, rec.collection, rec.record_id)] = rec
 
     def committed(self) -> None:
-        self._cache.committed(self._written)
+        self._cache.committed(self._written.values())
 
     def _versions(self, cur: Any, tenant: str, collection: str, rids: list[str]) -> dict[str, int]:
         cur.execute(
