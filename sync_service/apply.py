@@ -12,6 +12,9 @@
 5. write records, history, conflicts, results, audit events and the new last
    sequence together, and commit. Only then is anything answered.
 
+`Applier.apply_many` runs several clients' batches in one such transaction,
+each client's steps 1-5 after the one before (step 5's commit once, at the
+end): the SQLite service commits the writes that wait together this way.
 `Applier.resolve_conflict` answers a conflict through the same path.
 """
 
