@@ -17,15 +17,26 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 _T = TypeVar("_T")
 
 CHUNK = 500
 """Bound parameters per IN list."""
+
+
+def is_outage(err: BaseException) -> bool:
+    """Whether `err` is the database or its disk failing (locked past the busy
+    timeout, an I/O error, a full disk, a lost connection) rather than something
+    about one statement's rows: trying again at once meets it again."""
+    return isinstance(
+        err, OSError | OperationalError | sqlite3.OperationalError | psycopg.OperationalError
+    )
 
 
 def chunks(items: Sequence[_T], size: int = CHUNK) -> Iterator[Sequence[_T]]:

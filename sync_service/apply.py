@@ -30,6 +30,7 @@ from typing import Any
 
 from fieldsync.audit_kinds import EventKind
 from fieldsync.auth import Principal
+from fieldsync.db import is_outage
 from fieldsync.errors import (
     Aborted,
     FailedPrecondition,
@@ -148,16 +149,21 @@ class Applier:
         another user) gets its error in its place; if the transaction fails
         as a whole, each group is applied again alone, so one group's
         failure is never another's. `decided` is told the results of the
-        attempt that is about to commit.
+        attempt that is about to commit. If the database itself fails (an
+        outage: fieldsync.db.is_outage), the error is raised for all.
         """
         for _, batches in groups:
             self._check_group(batches)
         try:
             return self._apply_groups(groups, decided)
-        except Exception:
-            if len(groups) == 1:
-                raise
-            log.warning("a combined write of %d clients failed; applying each alone", len(groups))
+        except Exception as err:
+            if len(groups) == 1 or is_outage(err):
+                raise  # an outage would meet each group again: they all get it
+            log.warning(
+                "a combined write of %d clients failed; applying each alone",
+                len(groups),
+                exc_info=True,
+            )
         results: list[list[BatchOutcome] | Exception] = []
         for principal, batches in groups:
             try:

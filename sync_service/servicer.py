@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 from collections import deque
@@ -79,9 +80,12 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         self._stopping = asyncio.Event()
         self._subscriptions: set[asyncio.Task[Any]] = set()
         self._waiting: deque[_Write[Any]] = deque()  # writes not started yet, in arrival order
-        self._writing: set[asyncio.Task[None]] = set()  # the transactions in flight
-        # Conflict answers are rare and exclusive (their own transactions); bounded apart.
-        self._resolving = asyncio.Semaphore(MAX_WRITES_IN_FLIGHT)
+        self._writing: set[asyncio.Task[None]] = set()  # their transactions' tasks
+        # Write transactions in flight (batches' and conflict answers'), at most
+        # MAX_WRITES_IN_FLIGHT; a conflict answer waiting for a slot gets the
+        # next one before the waiting batches (it is one small transaction).
+        self._in_flight = 0
+        self._resolvers: deque[asyncio.Future[None]] = deque()
         # Several clients' writes in one transaction: where a write transaction
         # holds the whole database from its start anyway (SQLite). On
         # PostgreSQL a transaction takes the feed lock at its first write and
@@ -228,7 +232,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         return await done
 
     def _start_writes(self) -> None:
-        while len(self._writing) < MAX_WRITES_IN_FLIGHT and self._waiting:
+        while self._in_flight < MAX_WRITES_IN_FLIGHT and self._waiting:
             group: list[_Write[Any]] = []
             total = 0
             while self._waiting:
@@ -244,8 +248,39 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                 return
             self.writes += len(group)
             self.write_transactions += 1
+            self._in_flight += 1
             task = asyncio.ensure_future(self._write(group, total))
             self._writing.add(task)
+
+    def _release_slot(self) -> None:
+        """A write transaction ended: its slot to a waiting conflict answer, or to batches."""
+        self._in_flight -= 1
+        while self._resolvers:
+            taker = self._resolvers.popleft()
+            if not taker.done():  # not cancelled meanwhile
+                self._in_flight += 1
+                taker.set_result(None)
+                return
+        self._start_writes()
+
+    @contextlib.asynccontextmanager
+    async def _write_slot(self) -> AsyncIterator[None]:
+        """One of the MAX_WRITES_IN_FLIGHT write slots, for a conflict answer."""
+        if self._in_flight < MAX_WRITES_IN_FLIGHT and not self._resolvers:
+            self._in_flight += 1
+        else:
+            given: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._resolvers.append(given)
+            try:
+                await given
+            except asyncio.CancelledError:
+                if given.done() and not given.cancelled():
+                    self._release_slot()  # handed over just as the caller went away
+                raise
+        try:
+            yield
+        finally:
+            self._release_slot()
 
     async def _write(self, group: list[_Write[Any]], total: int) -> None:
         """One transaction for the writes of `group`; each caller gets its answers or error."""
@@ -275,7 +310,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
             assert task is not None
             self._writing.discard(task)
             self._notifier.notify()
-            self._start_writes()
+            self._release_slot()
 
     async def _apply_group(
         self, group: list[_Write[Any]], total: int
@@ -430,7 +465,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         self, request: sync_pb2.ResolveConflictRequest, context: Ctx
     ) -> sync_pb2.ResolveConflictResponse:
         principal = current_principal()
-        async with self._resolving:
+        async with self._write_slot():
             record = await asyncio.to_thread(
                 self._applier.resolve_conflict,
                 principal,
@@ -552,7 +587,15 @@ class _Write(Generic[_Answer]):
 def _answers_or_error(
     result: list[BatchOutcome] | Exception, answer: Callable[[], _Answer]
 ) -> list[_Answer] | Exception:
-    return result if isinstance(result, Exception) else _answers(result, answer)
+    """One write's answers, or its error: a failure to build them is its own, not
+    the other writes' of the transaction (all committed)."""
+    if isinstance(result, Exception):
+        return result
+    try:
+        return _answers(result, answer)
+    except Exception as err:
+        log.exception("building the answers of a committed write failed")
+        return err
 
 
 def _answers(outcomes: list[BatchOutcome], answer: Callable[[], _Answer]) -> list[_Answer]:

@@ -11,6 +11,7 @@ must end the same. The reference here is the same groups applied one by one
 from __future__ import annotations
 
 import itertools
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -172,7 +173,7 @@ def one_by_one(applier: Applier, groups: list[Group]) -> list[list[BatchOutcome]
 
 
 def test_writes_combined_in_one_transaction_are_answered_as_one_by_one(
-    storage_url: str, tmp_path: Any
+    storage_url: str, tmp_path: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """On both engines (the service combines on SQLite only, but the applier's
     semantics do not depend on it); the reference is a SQLite file."""
@@ -183,6 +184,7 @@ def test_writes_combined_in_one_transaction_are_answered_as_one_by_one(
         seed(combined)
         seed(alone)
         together = combined.apply_many(GROUPS)
+        assert FALLBACK not in caplog.text  # one transaction did it all, not each alone
         reference = one_by_one(alone, GROUPS)
         assert [summary(r) for r in together] == [summary(r) for r in reference]
         assert database(combined_db) == database(alone_db)
@@ -199,14 +201,19 @@ def test_writes_combined_in_one_transaction_are_answered_as_one_by_one(
     assert statuses[5] == ["DUPLICATE"]
 
 
-class FailingFor(SqlStorage):
-    """The real storage, whose write fails for one client's rows (a disk error, say)."""
+FALLBACK = "applying each alone"  # the applier's warning when a combined write failed
 
-    doomed = "tablet"
+
+class FailingFor(SqlStorage):
+    """The real storage, whose write fails for one client's rows with `error`."""
+
+    def __init__(self, url: str, doomed: str, error: Exception) -> None:
+        super().__init__(url, sqlite_synchronous="NORMAL")
+        self.doomed = doomed
+        self.error = error
 
     def write_transaction(self, *, exclusive: bool = False) -> Any:
         inner = super().write_transaction(exclusive=exclusive)
-        doomed = self.doomed
 
         @contextmanager
         def wrapped() -> Iterator[SqlWriteTx]:
@@ -214,8 +221,8 @@ class FailingFor(SqlStorage):
                 write = tx.write
 
                 def failing(b: BatchWrite) -> None:
-                    if b.client is not None and b.client.client_id == doomed:
-                        raise OSError("disk I/O error (injected)")
+                    if b.client is not None and b.client.client_id == self.doomed:
+                        raise self.error
                     write(b)
 
                 tx.write = failing  # type: ignore[method-assign, assignment]
@@ -224,23 +231,49 @@ class FailingFor(SqlStorage):
         return wrapped()
 
 
-def test_a_group_that_fails_the_combined_write_fails_alone(tmp_path: Any) -> None:
-    storage = FailingFor(f"sqlite:///{tmp_path / 'sync.db'}", sqlite_synchronous="NORMAL")
+def test_a_group_that_fails_the_combined_write_fails_alone(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row of bob's that the database refuses: alice's writes, in the same
+    transaction, are applied again without his, and committed."""
+    refused = sqlite3.IntegrityError("CHECK constraint failed (injected)")
+    storage = FailingFor(f"sqlite:///{tmp_path / 'sync.db'}", "tablet", refused)
     storage.migrate()
     try:
         applier = Applier(storage, SCHEMA, clock=counter_clock())
         seed(applier)
         results = applier.apply_many(GROUPS[:2] + GROUPS[3:4])
-        assert isinstance(results[1], OSError)  # bob's tablet: its own error
+        assert results[1] is refused  # bob's tablet: its own error
         for result in (results[0], results[2]):  # alice's phone: applied, committed
             assert not isinstance(result, Exception)
             assert all(o.status.name in ("APPLIED", "CONFLICT") for b in result for o in b.results)
-        tablet = storage.get_client("tablet")
-        assert tablet is None  # nothing of the failed group was kept
+        assert storage.get_client("tablet") is None  # nothing of the failed group was kept
         phone = storage.get_client("phone")
         assert phone is not None and phone.last_seq == 3
         (t1,) = storage.get_records("acme", "tasks", ["t1"])
         assert (t1.version, t1.fields["status"], t1.fields["estimate"]) == (2, "doing", 3)
+        assert FALLBACK in caplog.text
+    finally:
+        storage.close()
+
+
+def test_an_outage_fails_every_group_without_trying_each_again(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The disk fails: every client gets the error at once (each alone would meet
+    it again, one after another), and nothing is committed."""
+    disk = OSError(5, "disk I/O error (injected)")
+    storage = FailingFor(f"sqlite:///{tmp_path / 'sync.db'}", "tablet", disk)
+    storage.migrate()
+    try:
+        applier = Applier(storage, SCHEMA, clock=counter_clock())
+        seed(applier)
+        with pytest.raises(OSError, match="injected"):
+            applier.apply_many(GROUPS[:2] + GROUPS[3:4])
+        assert storage.get_client("phone") is None and storage.get_client("tablet") is None
+        (t1,) = storage.get_records("acme", "tasks", ["t1"])
+        assert t1.version == 1
+        assert FALLBACK not in caplog.text
     finally:
         storage.close()
 
@@ -254,7 +287,7 @@ def test_one_group_alone_raises_its_error_as_before(tmp_path: Any) -> None:
 
 
 def test_concurrent_callers_share_transactions_and_each_gets_its_own_answers(
-    tmp_path: Any,
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """16 devices call ApplyBatch at once on the SQLite service (each its own tasks,
     all of them also bumping one shared counter task with a last-write-wins field):
@@ -311,3 +344,4 @@ def test_concurrent_callers_share_transactions_and_each_gets_its_own_answers(
     assert records["shared"].version == 1 + devices * calls
     assert servicer.writes == 1 + devices * calls  # every call (the desk's included)
     assert servicer.write_transactions < servicer.writes, "no two calls shared a transaction"
+    assert FALLBACK not in caplog.text  # and those transactions committed as combined

@@ -440,6 +440,7 @@ class PgWriteTx(SqlWriteTx):
         self._read = Expectations()  # what this transaction read itself
         self._feed_locked = False
         self._written: dict[Name, StoredRecord] = {}  # for the cache, once committed
+        self._changes_filled = False  # the temporary table holds this transaction's rows
         if exclusive:
             self._lock_feed(conn.connection.cursor())
 
@@ -532,7 +533,14 @@ class PgWriteTx(SqlWriteTx):
     ) -> None:
         # One per session, emptied at every commit (and a rollback drops its rows);
         # its name changes with its columns (a pooled session may outlive a release).
-        cur.execute(_PG_RECORD_CHANGES)
+        # A second write in the same transaction (several clients' batches) finds
+        # the first's rows still there: they go first, or its UPDATE would join
+        # them again.
+        if self._changes_filled:
+            cur.execute("DELETE FROM fieldsync_record_changes_2")
+        else:
+            cur.execute(_PG_RECORD_CHANGES)
+        self._changes_filled = True
         columns = (*RECORD_COLUMNS, "record_key", "read_version")
         with cur.copy(f"COPY fieldsync_record_changes_2 ({', '.join(columns)}) FROM STDIN") as copy:
             for row, version in zip(rows, decided_on, strict=True):
