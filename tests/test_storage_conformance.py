@@ -989,6 +989,33 @@ def test_a_write_on_what_another_writer_changed_meanwhile_is_refused_or_waited_f
     assert storage.get_client("c9") == ClientRow("c9", T1, "alice", 2, exists=True)
 
 
+def test_a_new_client_another_writer_applied_meanwhile_is_refused_before_its_rows(
+    storage: Storage,
+) -> None:
+    """Two instances apply a new client's first mutation at once (PostgreSQL): the one
+    that read the client as absent is refused with WriteConflict (it decides again
+    and answers DUPLICATE), before its result row meets the other's at the same
+    sequence. (SQLite: one writer at a time, nothing to race.)"""
+    assert isinstance(storage, SqlStorage)
+    if storage.dialect != "postgresql":
+        pytest.skip("SQLite writers hold the database's lock from their first read")
+    first = BatchWrite(
+        client=ClientRow("c20", T1, "alice", last_seq=1),
+        results=[StoredResult("c20", 1, T1, "m-1", {"s": 1})],
+    )
+    with storage.write_transaction() as late:
+        assert late.get_client("c20") is None
+        commit(storage, first)  # the other instance, meanwhile
+        with pytest.raises(WriteConflict):
+            late.write(
+                BatchWrite(
+                    client=ClientRow("c20", T1, "alice", last_seq=1),
+                    results=[StoredResult("c20", 1, T1, "m-1", {"s": 1})],
+                )
+            )
+    assert storage.get_client("c20") == ClientRow("c20", T1, "alice", 1, exists=True)
+
+
 def _read_then_write_while_another_commits(
     storage: Storage, read: Callable[[WriteTx], object], change: BatchWrite, event_id: str
 ) -> bool:

@@ -174,6 +174,12 @@ class SqlWriteTx(_Reads):
         check = self._expectations()
         if check:
             self._check_unwritten(cur, batch, check)
+        if batch.client is not None:
+            # First: another instance that applied this client's next sequence
+            # meanwhile fails it here (WriteConflict), before any row of ours
+            # meets one of its rows (a result at the same sequence).
+            cl = batch.client
+            self._write_client(cur, cl, check.clients.get(cl.client_id, -1) if check else -1)
         known = self._record_keys(batch)
         written: list[StoredRecord] = []  # the rows as stored, for the cache
         if batch.records:
@@ -269,9 +275,6 @@ class SqlWriteTx(_Reads):
                 "outbox",
                 [(e.event_id, e.tenant_id, dumps(e.payload), e.created_at) for e in batch.events],
             )
-        if batch.client is not None:
-            cl = batch.client
-            self._write_client(cur, cl, check.clients.get(cl.client_id, -1) if check else -1)
         if (head, keys) != start:
             cur.execute(self._sql.write_state, (head, keys))
             self._head, self._keys = head, keys
