@@ -23,6 +23,7 @@ from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 _T = TypeVar("_T")
 
@@ -32,10 +33,18 @@ CHUNK = 500
 
 def is_outage(err: BaseException) -> bool:
     """Whether `err` is the database or its disk failing (locked past the busy
-    timeout, an I/O error, a full disk, a lost connection) rather than something
-    about one statement's rows: trying again at once meets it again."""
+    timeout, no pooled connection within the pool's timeout, an I/O error, a
+    full disk, a lost connection) rather than something about one statement's
+    rows: trying again at once meets it again. (psycopg also files a statement
+    timeout, a deadlock or a serialization failure under OperationalError: on
+    PostgreSQL this is for whole transactions, not to tell statements apart.)"""
     return isinstance(
-        err, OSError | OperationalError | sqlite3.OperationalError | psycopg.OperationalError
+        err,
+        OSError
+        | OperationalError
+        | PoolTimeout
+        | sqlite3.OperationalError
+        | psycopg.OperationalError,
     )
 
 

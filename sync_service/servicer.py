@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import logging
 from collections import deque
@@ -263,24 +262,20 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                 return
         self._start_writes()
 
-    @contextlib.asynccontextmanager
-    async def _write_slot(self) -> AsyncIterator[None]:
-        """One of the MAX_WRITES_IN_FLIGHT write slots, for a conflict answer."""
+    async def _take_slot(self) -> None:
+        """Hold one of the MAX_WRITES_IN_FLIGHT write slots (for a conflict answer);
+        `_release_slot` gives it back."""
         if self._in_flight < MAX_WRITES_IN_FLIGHT and not self._resolvers:
             self._in_flight += 1
-        else:
-            given: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._resolvers.append(given)
-            try:
-                await given
-            except asyncio.CancelledError:
-                if given.done() and not given.cancelled():
-                    self._release_slot()  # handed over just as the caller went away
-                raise
+            return
+        given: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._resolvers.append(given)
         try:
-            yield
-        finally:
-            self._release_slot()
+            await given
+        except asyncio.CancelledError:
+            if given.done() and not given.cancelled():
+                self._release_slot()  # handed over just as the caller went away
+            raise
 
     async def _write(self, group: list[_Write[Any]], total: int) -> None:
         """One transaction for the writes of `group`; each caller gets its answers or error."""
@@ -465,14 +460,24 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         self, request: sync_pb2.ResolveConflictRequest, context: Ctx
     ) -> sync_pb2.ResolveConflictResponse:
         principal = current_principal()
-        async with self._write_slot():
-            record = await asyncio.to_thread(
+        await self._take_slot()
+        work = asyncio.ensure_future(
+            asyncio.to_thread(
                 self._applier.resolve_conflict,
                 principal,
                 request.conflict_id,
                 int(request.resolution),
                 fields_from_proto(request.fields),
             )
+        )
+        # The slot is the transaction's, not the call's: a caller that goes away
+        # leaves the transaction running in its thread, and the slot held with it.
+        work.add_done_callback(lambda _: self._release_slot())
+        try:
+            record = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            work.add_done_callback(_log_failure)
+            raise
         self._notifier.notify()
         out = sync_pb2.ResolveConflictResponse()
         if record.version:
