@@ -320,8 +320,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         groups = [(w.principal, w.batches) for w in group]
         if total < OVERLAP_FROM:
             # Too little to gain from overlapping: no extra hand-offs.
-            results = await asyncio.to_thread(self._applier.apply_many, groups)
-            return [_answers_or_error(r, w.answer) for r, w in zip(results, group, strict=True)]
+            return _answers_each(await asyncio.to_thread(self._applier.apply_many, groups), group)
         loop = asyncio.get_running_loop()
         decided: asyncio.Future[list[list[BatchOutcome] | Exception]] = loop.create_future()
 
@@ -335,11 +334,11 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         built = None
         if decided.done():
             seen = decided.result()
-            built = seen, [_answers_or_error(r, w.answer) for r, w in zip(seen, group, strict=True)]
+            built = seen, _answers_each(seen, group)
         results = await work
         if built is not None and built[0] is results:
             return built[1]
-        return [_answers_or_error(r, w.answer) for r, w in zip(results, group, strict=True)]
+        return _answers_each(results, group)
 
     async def Pull(
         self, request: sync_pb2.PullRequest, context: Ctx
@@ -589,18 +588,22 @@ class _Write(Generic[_Answer]):
     done: asyncio.Future[list[_Answer]]
 
 
-def _answers_or_error(
-    result: list[BatchOutcome] | Exception, answer: Callable[[], _Answer]
-) -> list[_Answer] | Exception:
-    """One write's answers, or its error: a failure to build them is its own, not
-    the other writes' of the transaction (all committed)."""
-    if isinstance(result, Exception):
-        return result
-    try:
-        return _answers(result, answer)
-    except Exception as err:
-        log.exception("building the answers of a committed write failed")
-        return err
+def _answers_each(
+    results: list[list[BatchOutcome] | Exception], group: list[_Write[Any]]
+) -> list[list[Any] | Exception]:
+    """Each write's answers, or its error: a failure to build one write's answers is
+    its own, not the other writes' of the transaction (all committed)."""
+    out: list[list[Any] | Exception] = []
+    for result, w in zip(results, group, strict=True):
+        if isinstance(result, Exception):
+            out.append(result)
+            continue
+        try:
+            out.append(_answers(result, w.answer))
+        except Exception as err:
+            log.exception("building the answers of a committed write failed")
+            out.append(err)
+    return out
 
 
 def _answers(outcomes: list[BatchOutcome], answer: Callable[[], _Answer]) -> list[_Answer]:
