@@ -13,3 +13,4 @@ class EventKind(IntEnum):
     CONFLICT_RESOLVED = 4
     LWW_OVERWRITE = 5
     MUTATION_REJECTED = 6
+    TEXT_OVERLAP_MERGED = 7
