@@ -22,9 +22,10 @@ from audit_service.model import (
     StoredEvent,
 )
 from fieldsync.audit_kinds import EventKind
+from fieldsync.audit_wire import fill_audit_event
 from fieldsync.errors import InvalidArgument, Reason
 from fieldsync.v1 import audit_pb2
-from fieldsync.values import fields_from_proto, fields_to_proto
+from fieldsync.values import fields_from_proto
 
 __all__ = [
     "event_from_proto",
@@ -142,17 +143,8 @@ def filter_from_proto(tenant_id: str, req: audit_pb2.QueryEventsRequest) -> Even
 
 def event_to_proto(stored: StoredEvent, out: audit_pb2.AuditEvent) -> None:
     ev = stored.event
-    out.event_id = ev.event_id
-    out.tenant_id = ev.tenant_id
-    out.kind = audit_pb2.AuditEventKind.ValueType(int(ev.kind))
-    out.code = ev.code
-    out.collection = ev.collection
-    out.record_id = ev.record_id
-    out.field = ev.field
-    out.mutation_id = ev.mutation_id
-    out.client_id = ev.client_id
-    out.actor = ev.actor
-    out.occurred_at.seconds, out.occurred_at.nanos = divmod(ev.occurred_at, 1_000_000_000)
-    out.client_schema_version = ev.client_schema_version
-    out.message = ev.message
-    fields_to_proto(ev.details, out.details)
+    fill_audit_event(out, lambda name: _plain(getattr(ev, name)), ev.details)
+
+
+def _plain(value: object) -> object:
+    return int(value) if isinstance(value, EventKind) else value

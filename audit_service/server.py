@@ -13,16 +13,14 @@ import logging
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
 from audit_service.config import AuditConfig
 from audit_service.servicer import AuditServicer
 from audit_service.storage import SqlAuditStorage
 from audit_service.tail import CommitSignal
 from fieldsync.auth import TokenVerifier
-from fieldsync.interceptors import FieldSyncInterceptor
-from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event, tune_gc
+from fieldsync.serving import ServiceApp, run_until_stopped, stop_event, tune_gc, verifier_for
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 
 __all__ = ["SERVICE_NAME", "AuditApp", "serve"]
@@ -33,7 +31,9 @@ SERVICE_NAME = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
 
 
 @dataclass
-class AuditApp:
+class AuditApp(ServiceApp):
+    service_name = SERVICE_NAME
+
     config: AuditConfig
     storage: SqlAuditStorage
     verifier: TokenVerifier
@@ -42,9 +42,7 @@ class AuditApp:
 
     @classmethod
     def from_config(cls, config: AuditConfig) -> AuditApp:
-        if config.auth is None:
-            raise ValueError("no token verification configured (FIELDSYNC_JWT_SECRET, ...)")
-        verifier = TokenVerifier(config.auth)
+        verifier = verifier_for(config.auth)
         storage = SqlAuditStorage(
             config.db_url,
             sqlite_synchronous=config.sqlite_synchronous,
@@ -57,12 +55,9 @@ class AuditApp:
             raise
         return cls(config, storage, verifier)
 
-    def server_options(self) -> list[tuple[str, int]]:
-        n = self.config.max_message_bytes
-        return [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
-
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [FieldSyncInterceptor(self.verifier)]
+    @property
+    def dialect(self) -> str:
+        return self.storage.dialect
 
     def add_services(self, server: grpc.aio.Server) -> health.aio.HealthServicer:
         """Register the audit, health and reflection services; returns the health servicer."""
@@ -71,12 +66,7 @@ class AuditApp:
             self.storage, self.signal, tail_poll_seconds=self.config.tail_poll_seconds
         )
         audit_pb2_grpc.add_AuditServiceServicer_to_server(servicer, server)
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
-        return health_servicer
+        return self.add_health_and_reflection(server)
 
     def begin_shutdown(self) -> None:
         """End the open tails (they would otherwise hold the stop for its whole grace)."""
@@ -93,19 +83,7 @@ async def serve(config: AuditConfig) -> None:
     app = AuditApp.from_config(config)
     tune_gc()
     try:
-        server = grpc.aio.server(interceptors=app.interceptors(), options=app.server_options())
-        health_servicer = app.add_services(server)
-        names = ("", SERVICE_NAME)
-        port = await listen(server, config.addr, health_servicer, names)
-        await set_health(health_servicer, names, SERVING)
-        host = config.addr.rsplit(":", 1)[0]
-        log.info("audit service listening on %s:%d (database %s)", host, port, app.storage.dialect)
-
-        await stop.wait()
-        log.info("stopping: finishing calls in flight (grace %.1fs)", config.shutdown_grace_seconds)
-        await set_health(health_servicer, names, NOT_SERVING)
-        app.begin_shutdown()
-        await server.stop(config.shutdown_grace_seconds)
+        await run_until_stopped(app, stop, log, "audit service")
     finally:
         app.close()
     log.info("stopped")

@@ -28,6 +28,7 @@ from audit_service.convert import (
 from audit_service.paging import decode_page_token, encode_page_token
 from audit_service.storage import AuditStorage
 from audit_service.tail import CommitSignal, follow
+from fieldsync.auth import SERVICE_ROLE
 from fieldsync.errors import InvalidArgument, Reason
 from fieldsync.interceptors import current_principal, require_role
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
@@ -38,7 +39,6 @@ log = logging.getLogger("fieldsync.audit")
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
-SERVICE_ROLE = "fieldsync:service"
 AUDITOR_ROLE = "auditor"
 
 DEFAULT_PAGE = 100

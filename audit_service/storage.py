@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,7 +38,7 @@ from audit_service.model import (
 )
 from audit_service.tables import audit_events
 from fieldsync.audit_kinds import EventKind
-from fieldsync.db import chunks, normalize_url, open_engines, upgrade_schema
+from fieldsync.db import chunks, locked_write, migrate, normalize_url, open_engines
 from fieldsync.jsontext import dumps
 from fieldsync.values import decode_fields, encode_fields
 
@@ -97,20 +97,15 @@ class SqlAuditStorage:
         starting together wait for each other instead of both creating the
         table, and a crash mid-migration leaves nothing half-built.
         """
-        with self._write_transaction() as conn:
-            upgrade_schema(conn, MIGRATIONS)
+        migrate(self._write, MIGRATIONS, _PG_WRITE_LOCK)
 
     def close(self) -> None:
         self._write.dispose()
         if self._read is not self._write:
             self._read.dispose()
 
-    @contextmanager
-    def _write_transaction(self) -> Iterator[Connection]:
-        with self._write.begin() as conn:
-            if self.dialect == "postgresql":
-                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
-            yield conn
+    def _write_transaction(self) -> AbstractContextManager[Connection]:
+        return locked_write(self._write, _PG_WRITE_LOCK)
 
     # -- writes ---------------------------------------------------------------
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import IO
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fieldsync.serving import wait_until_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "fieldsync-bench-secret-0123456789abcdef"
@@ -106,26 +107,7 @@ class Proc:
             pending = [] if service is None else ["", service]
             if service is None:
                 self._wait_channel(channel, deadline)
-            while pending:
-                left = self._left(deadline)
-                try:
-                    status = health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(service=pending[0]),
-                        timeout=min(0.5, left),
-                        wait_for_ready=True,
-                    )
-                except grpc.RpcError as err:
-                    if err.code() not in (
-                        grpc.StatusCode.UNAVAILABLE,
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                    ):
-                        raise
-                    continue
-                if status.status == health_pb2.HealthCheckResponse.SERVING:
-                    pending.pop(0)
-                else:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        self.popen.wait(timeout=0.05)
+            wait_until_serving(channel, pending, lambda: self._left(deadline), self.popen)
 
     def _wait_channel(self, channel: grpc.Channel, deadline: float) -> None:
         while True:

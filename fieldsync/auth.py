@@ -32,6 +32,7 @@ from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorith
 from fieldsync.errors import PermissionDenied, Reason, Unauthenticated
 
 __all__ = [
+    "SERVICE_ROLE",
     "AuthConfig",
     "Principal",
     "TokenVerifier",
@@ -498,6 +499,11 @@ def bearer_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> 
             Reason.MISSING_TOKEN, "the authorization metadata is not 'Bearer <token>'"
         )
     return token
+
+
+# The role of the sync service's own calls to the audit service (its relay's
+# token has it; RecordEvents requires it).
+SERVICE_ROLE = "fieldsync:service"
 
 
 def require_role(principal: Principal, role: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,6 +52,30 @@ def is_outage(err: BaseException) -> bool:
 def chunks(items: Sequence[_T], size: int = CHUNK) -> Iterator[Sequence[_T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+@contextmanager
+def locked_write(engine: Engine, pg_lock: int) -> Iterator[Connection]:
+    """A write transaction holding the service's write lock to its end.
+
+    On SQLite the write engine's BEGIN IMMEDIATE is that lock; on PostgreSQL
+    it is the advisory lock `pg_lock` (one per service), released at commit.
+    """
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({pg_lock})")
+        yield conn
+
+
+def migrate(engine: Engine, script_location: Path, pg_lock: int) -> None:
+    """Create or upgrade a service's schema to its newest migration, atomically.
+
+    Under the service's write lock (`locked_write` on its write engine):
+    instances starting together wait for each other instead of both creating
+    the tables, and a crash mid-migration leaves nothing half-built.
+    """
+    with locked_write(engine, pg_lock) as conn:
+        upgrade_schema(conn, script_location)
 
 
 def upgrade_schema(conn: Connection, script_location: Path) -> None:

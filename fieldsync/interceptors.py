@@ -106,60 +106,56 @@ class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, un
     def _wrap(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str, metadata: _Metadata | None
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        deserializer = handler.request_deserializer
-        serializer = handler.response_serializer
-
-        if handler.unary_unary is not None:
-            inner_uu: Callable[..., Any] = handler.unary_unary
-
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                async with _statuses_for_errors(context, method):
-                    self._authenticate(metadata)
-                    return await _result(inner_uu(request, context))
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, deserializer, serializer)
-
-        if handler.unary_stream is not None:
-            inner_us: Callable[..., Any] = handler.unary_stream
-
-            async def unary_stream(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                async with _statuses_for_errors(context, method):
-                    self._authenticate(metadata)
-                    async with aclosing(_responses(inner_us(request, context))) as responses:
-                        async for response in responses:
-                            yield response
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, deserializer, serializer)
-
-        if handler.stream_unary is not None:
-            inner_su: Callable[..., Any] = handler.stream_unary
-
-            async def stream_unary(
-                requests: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> Any:
-                async with _statuses_for_errors(context, method):
-                    self._authenticate(metadata)
-                    return await _result(inner_su(requests, context))
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, deserializer, serializer)
-
-        if handler.stream_stream is not None:
-            inner_ss: Callable[..., Any] = handler.stream_stream
-
-            async def stream_stream(
-                requests: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                async with _statuses_for_errors(context, method):
-                    self._authenticate(metadata)
-                    async with aclosing(_responses(inner_ss(requests, context))) as responses:
-                        async for response in responses:
-                            yield response
-
-            return grpc.stream_stream_rpc_method_handler(stream_stream, deserializer, serializer)
-
+        """The handler, authenticating first and mapping its errors (one wrapper a shape)."""
+        for kind, streams, make in _HANDLER_KINDS:
+            inner: Callable[..., Any] | None = getattr(handler, kind)
+            if inner is None:
+                continue
+            wrapped = (
+                self._streaming(inner, method, metadata)
+                if streams
+                else self._unary(inner, method, metadata)
+            )
+            return make(wrapped, handler.request_deserializer, handler.response_serializer)
         raise TypeError(f"{method}: the RPC method handler has no behaviour")
+
+    def _unary(
+        self, inner: Callable[..., Any], method: str, metadata: _Metadata | None
+    ) -> Callable[..., Any]:
+        """A handler answering once (unary_unary, stream_unary)."""
+
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async with _statuses_for_errors(context, method):
+                self._authenticate(metadata)
+                return await _result(inner(request, context))
+
+        return call
+
+    def _streaming(
+        self, inner: Callable[..., Any], method: str, metadata: _Metadata | None
+    ) -> Callable[..., Any]:
+        """A handler answering with a stream (unary_stream, stream_stream)."""
+
+        async def call(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            async with _statuses_for_errors(context, method):
+                self._authenticate(metadata)
+                async with aclosing(_responses(inner(request, context))) as responses:
+                    async for response in responses:
+                        yield response
+
+        return call
+
+
+# The four shapes of an RPC handler: its attribute, whether it answers with a
+# stream, and how grpc builds a handler of that shape.
+_HANDLER_KINDS: tuple[tuple[str, bool, Callable[..., grpc.RpcMethodHandler[Any, Any]]], ...] = (
+    ("unary_unary", False, grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", True, grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", False, grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", True, grpc.stream_stream_rpc_method_handler),
+)
 
 
 async def _result(outcome: Any) -> Any:

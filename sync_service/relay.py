@@ -27,14 +27,14 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from fieldsync.auth import mint_token
+from fieldsync.audit_wire import fill_audit_event
+from fieldsync.auth import SERVICE_ROLE, mint_token
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
-from fieldsync.values import decode, to_proto
+from fieldsync.values import decode_fields
 from sync_service.storage.base import OutboxEvent, Storage
 
 log = logging.getLogger("fieldsync.relay")
 
-SERVICE_ROLE = "fieldsync:service"
 HEALTH_NAME = "fieldsync.audit_relay"
 
 
@@ -88,26 +88,11 @@ class ServiceToken:
         return self._token
 
 
-def event_to_proto(e: OutboxEvent) -> audit_pb2.AuditEvent:
+def outbox_event_to_proto(e: OutboxEvent) -> audit_pb2.AuditEvent:
+    """An outbox row as the AuditEvent RecordEvents takes (its payload has the same names)."""
     p = e.payload
-    out = audit_pb2.AuditEvent(
-        event_id=p["event_id"],
-        tenant_id=p["tenant_id"],
-        kind=p["kind"],
-        code=p["code"],
-        collection=p["collection"],
-        record_id=p["record_id"],
-        field=p["field"],
-        mutation_id=p["mutation_id"],
-        client_id=p["client_id"],
-        actor=p["actor"],
-        client_schema_version=p["client_schema_version"],
-        message=p["message"],
-    )
-    out.occurred_at.seconds = p["occurred_at"] // 1_000_000_000
-    out.occurred_at.nanos = p["occurred_at"] % 1_000_000_000
-    for k, v in p["details"].items():
-        to_proto(decode(v), out.details[k])
+    out = audit_pb2.AuditEvent()
+    fill_audit_event(out, p.__getitem__, decode_fields(p["details"]))
     return out
 
 
@@ -202,7 +187,7 @@ class AuditRelay:
         )
         if not events:
             return 0
-        request = audit_pb2.RecordEventsRequest(events=[event_to_proto(e) for e in events])
+        request = audit_pb2.RecordEventsRequest(events=[outbox_event_to_proto(e) for e in events])
         metadata = (("authorization", f"Bearer {self._token.get()}"),)
         try:
             resp = await stub.RecordEvents(request, metadata=metadata, timeout=30)

@@ -15,12 +15,10 @@ import logging
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from fieldsync.auth import TokenVerifier
-from fieldsync.interceptors import FieldSyncInterceptor
-from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event, tune_gc
+from fieldsync.serving import ServiceApp, run_until_stopped, stop_event, tune_gc, verifier_for
 from fieldsync.v1 import sync_pb2, sync_pb2_grpc
 from sync_service.api.servicer import SyncServicer
 from sync_service.config import SyncConfig
@@ -38,7 +36,9 @@ SERVICE_NAME = sync_pb2.DESCRIPTOR.services_by_name["SyncService"].full_name
 
 
 @dataclass
-class SyncApp:
+class SyncApp(ServiceApp):
+    service_name = SERVICE_NAME
+
     config: SyncConfig
     storage: SqlStorage
     applier: Applier
@@ -51,8 +51,7 @@ class SyncApp:
 
     @classmethod
     def from_config(cls, config: SyncConfig) -> SyncApp:
-        if config.auth is None:
-            raise ValueError("no token verification configured (FIELDSYNC_JWT_SECRET, ...)")
+        verifier = verifier_for(config.auth)
         schema = load_schema(config.schema_path)
         storage = SqlStorage(
             config.db_url,
@@ -62,14 +61,11 @@ class SyncApp:
         )
         storage.migrate()
         applier = Applier(storage, schema, max_batch=config.max_batch)
-        return cls(config, storage, applier, TokenVerifier(config.auth))
+        return cls(config, storage, applier, verifier)
 
-    def server_options(self) -> list[tuple[str, int]]:
-        n = self.config.max_message_bytes
-        return [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
-
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [FieldSyncInterceptor(self.verifier)]
+    @property
+    def dialect(self) -> str:
+        return self.storage.dialect
 
     def add_services(self, server: grpc.aio.Server) -> health.aio.HealthServicer:
         """Register the sync, health and reflection services, and start the audit relay.
@@ -91,11 +87,7 @@ class SyncApp:
         )
         if self.feed_listener is not None:
             self.feed_listener.start()
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        health_servicer = self.add_health_and_reflection(server)
         if self.config.relay_enabled:
             self.relay_task = asyncio.get_running_loop().create_task(
                 self._run_relay(health_servicer), name="audit-relay"
@@ -128,6 +120,9 @@ class SyncApp:
             on_health=on_health,
         )
         await self.relay.run()
+
+    async def before_serving(self) -> None:
+        await self.wait_feed_listener()
 
     async def wait_feed_listener(self, timeout: float = 10.0) -> None:
         """Wait until the LISTEN is in place (if there is one), so that a service
@@ -166,20 +161,7 @@ async def serve(config: SyncConfig) -> None:
     stop = stop_event()
     app = SyncApp.from_config(config)
     tune_gc()
-    server = grpc.aio.server(interceptors=app.interceptors(), options=app.server_options())
-    health_servicer = app.add_services(server)
-    names = ("", SERVICE_NAME)
-    port = await listen(server, config.addr, health_servicer, names)
-    await app.wait_feed_listener()
-    await set_health(health_servicer, names, SERVING)
-    host = config.addr.rsplit(":", 1)[0]
-    log.info("sync service listening on %s:%d (database %s)", host, port, app.storage.dialect)
-
-    await stop.wait()
-    log.info("stopping: finishing calls in flight (grace %.1fs)", config.shutdown_grace_seconds)
-    await set_health(health_servicer, names, NOT_SERVING)
-    app.begin_shutdown()
-    await server.stop(config.shutdown_grace_seconds)
+    await run_until_stopped(app, stop, log, "sync service")
     if app.servicer is not None:
         log.info(
             "writes: %d applied in %d transactions",

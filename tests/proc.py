@@ -30,6 +30,7 @@ from typing import IO
 import grpc  # type: ignore[import-untyped, unused-ignore]  # stubs: types-grpcio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fieldsync.serving import wait_until_serving
 from tests.support import SECRET
 
 __all__ = [
@@ -124,36 +125,17 @@ class SyncProcess:
     def wait_until_serving(self, timeout: float = READY_TIMEOUT) -> None:
         """Poll the health check (no token) until both names answer SERVING."""
         deadline = time.monotonic() + timeout
-        pending = ["", _SERVICE_NAMES[self.module]]
+
+        def time_left() -> float:
+            if not self.alive():
+                raise RuntimeError(f"the service exited before it was ready: {self.describe()}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"not SERVING within {timeout}s: {self.describe()}")
+            return left
+
         with fast_reconnect_channel(self.address) as channel:
-            while pending:
-                if not self.alive():
-                    raise RuntimeError(f"the service exited before it was ready: {self.describe()}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"not SERVING within {timeout}s: {self.describe()}")
-                try:
-                    # wait_for_ready: the call waits for the connection instead of
-                    # failing at once, so this loop does not spin while it starts.
-                    status = health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(service=pending[0]),
-                        timeout=min(0.5, left),
-                        wait_for_ready=True,
-                    )
-                except grpc.RpcError as err:
-                    if err.code() not in (
-                        grpc.StatusCode.UNAVAILABLE,
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                    ):
-                        raise
-                    continue
-                if status.status == health_pb2.HealthCheckResponse.SERVING:
-                    pending.pop(0)
-                else:
-                    # Listening but not ready yet: wait for the next try without
-                    # hammering the service (bounded by the deadline above).
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        self.popen.wait(timeout=0.05)
+            wait_until_serving(channel, ["", _SERVICE_NAMES[self.module]], time_left, self.popen)
 
     def wait(self, timeout: float = STOP_TIMEOUT) -> int:
         """Wait for the process to exit; its return code."""

@@ -3,7 +3,7 @@
 SqlStorage runs the same SQL on both engines; where they differ it asks its
 `Engine` (storage/sqlite.py's SQLITE, storage/postgres.py's POSTGRES): which
 write transaction to open, whether the service should combine the writes that
-wait into one transaction, what a migration locks, the clock the outbox's
+wait into one transaction, the clock the outbox's
 leases use, and whether other instances' commits must wake this one.
 Nothing here runs SQL.
 """
@@ -42,9 +42,6 @@ class Engine:
     ) -> SqlWriteTx:
         """The write transaction on `conn` (already begun)."""
         raise NotImplementedError
-
-    def lock_for_migration(self, conn: Connection) -> None:
-        """Take what makes a migration atomic beyond its transaction (nothing by default)."""
 
     def now_ns(self) -> Any:
         """The current time in nanoseconds, as an SQL expression (the outbox's leases)."""

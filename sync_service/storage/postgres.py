@@ -8,7 +8,8 @@ Several service instances write one PostgreSQL database at once, so:
   WriteConflict; a retry is exclusive (the feed lock from the start). Rows go
   in by COPY.
 - The feed lock (an advisory lock, held from the feed head's read to the
-  commit) makes feed positions visible in their order; migrations take it too.
+  commit) makes feed positions visible in their order; migrations take it
+  too (fieldsync.db.migrate).
 - A write that moves the feed calls `notify_feed` (a
   `pg_notify('fieldsync_feed', tenant)`, which PostgreSQL delivers only when
   the transaction commits, and never if it rolls back). Each sync process
@@ -367,15 +368,10 @@ class PgWriteTx(SqlWriteTx):
         )
         return dict(cur.fetchall())
 
-    def _insert(self, cur: Any, table: str, rows: Sequence[Sequence[Any]]) -> None:
-        try:
-            with cur.copy(f"COPY {table} ({', '.join(INSERT_COLUMNS[table])}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-        except psycopg.errors.UniqueViolation as err:
-            if table != "records":
-                raise
-            raise WriteConflict("a record the batch creates was created meanwhile") from err
+    def _insert_rows(self, cur: Any, table: str, rows: Sequence[Sequence[Any]]) -> None:
+        with cur.copy(f"COPY {table} ({', '.join(INSERT_COLUMNS[table])}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
 
     def _update_records(
         self, cur: Any, rows: Sequence[Sequence[Any]], decided_on: Sequence[int | None]
@@ -421,10 +417,6 @@ class _Postgres(Engine):
         self, conn: Connection, sql: Statements, cache: RecordCache, *, exclusive: bool
     ) -> SqlWriteTx:
         return PgWriteTx(conn, sql, cache, exclusive=exclusive)
-
-    def lock_for_migration(self, conn: Connection) -> None:
-        # Instances starting together migrate one after the other.
-        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_FEED_LOCK})")
 
     def now_ns(self) -> Any:
         # The database's clock, so instances' clocks need not agree.

@@ -38,7 +38,7 @@ from typing import Any
 
 from sqlalchemy import and_, func, or_, select
 
-from fieldsync.db import chunks, normalize_url, open_engines, upgrade_schema
+from fieldsync.db import chunks, migrate, normalize_url, open_engines
 from fieldsync.values import loads_fields
 from sync_service.storage.base import (
     ClientRow,
@@ -52,6 +52,7 @@ from sync_service.storage.cache import RecordCache
 from sync_service.storage.engine import ChangeListener, Engine
 from sync_service.storage.postgres import POSTGRES
 from sync_service.storage.rows import (
+    PG_FEED_LOCK,
     Statements,
     conflict_from_row,
     fetch,
@@ -114,9 +115,7 @@ class SqlStorage:
         mid-migration leaves nothing half-built) and PostgreSQL under the
         advisory write lock.
         """
-        with self._write.begin() as conn:
-            self._engine.lock_for_migration(conn)
-            upgrade_schema(conn, MIGRATIONS)
+        migrate(self._write, MIGRATIONS, PG_FEED_LOCK)
 
     def close(self) -> None:
         self._write.dispose()

@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import BigInteger, Connection, literal
 
-from sync_service.storage.base import StoredRecord, WriteConflict
+from sync_service.storage.base import StoredRecord
 from sync_service.storage.cache import RecordCache
 from sync_service.storage.engine import Engine
 from sync_service.storage.rows import Statements, fetch
@@ -53,13 +53,8 @@ class SqliteWriteTx(SqlWriteTx):
         # the cache.
         self._cache.committing(written, head)
 
-    def _insert(self, cur: Any, table: str, rows: Sequence[Sequence[Any]]) -> None:
-        try:
-            cur.executemany(self._sql.inserts[table], rows)
-        except sqlite3.IntegrityError as err:
-            if table != "records":
-                raise
-            raise WriteConflict("a record the batch creates was created meanwhile") from err
+    def _insert_rows(self, cur: Any, table: str, rows: Sequence[Sequence[Any]]) -> None:
+        cur.executemany(self._sql.inserts[table], rows)
 
     def _update_records(
         self, cur: Any, rows: Sequence[Sequence[Any]], decided_on: Sequence[int | None]

@@ -260,7 +260,17 @@ class SqlWriteTx(_Reads):
         """The transaction committed (called by the storage, after the commit)."""
 
     def _insert(self, cur: Any, table: str, rows: Sequence[Sequence[Any]]) -> None:
-        """Add rows of INSERT_COLUMNS[table] (a taken record key: WriteConflict)."""
+        """Add rows of INSERT_COLUMNS[table]; a record another writer created meanwhile
+        is a WriteConflict."""
+        try:
+            self._insert_rows(cur, table, rows)
+        except self.DUPLICATE_KEY as err:
+            if table != "records":
+                raise
+            raise WriteConflict("a record the batch creates was created meanwhile") from err
+
+    def _insert_rows(self, cur: Any, table: str, rows: Sequence[Sequence[Any]]) -> None:
+        """The engine's bulk insert."""
         raise NotImplementedError
 
     def _update_records(
