@@ -55,9 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from audit_service.commands import run_query
 
         return run_query(args, config)
-    from audit_service.server import serve
+    from fieldsync.logs import configure
 
-    asyncio.run(serve(config))
+    configure(config.log_format)  # before the imports below: they log too
+    from audit_service.server import serve
+    from fieldsync.operations import START_ERRORS
+
+    try:
+        asyncio.run(serve(config))
+    except START_ERRORS as err:
+        print(f"fieldsync-audit: cannot start: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

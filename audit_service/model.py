@@ -8,6 +8,7 @@ Times are integer nanoseconds since the Unix epoch, as everywhere in FieldSync.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fieldsync.audit_kinds import EventKind
@@ -89,6 +90,8 @@ class RecordOutcome:
 
     recorded: int
     duplicates: int
+    kinds: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Events recorded (duplicates excluded) by kind name, e.g. {"LWW_OVERWRITE": 2}."""
 
 
 @dataclass(frozen=True)

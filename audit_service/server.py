@@ -22,6 +22,8 @@ from audit_service.storage import SqlAuditStorage
 from audit_service.tail import CommitSignal
 from fieldsync.auth import TokenVerifier
 from fieldsync.interceptors import FieldSyncInterceptor
+from fieldsync.metrics import AuditMetrics
+from fieldsync.operations import Operations
 from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event, tune_gc
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 
@@ -39,6 +41,7 @@ class AuditApp:
     verifier: TokenVerifier
     # Made by add_services, on the loop that serves: asyncio events belong to one loop.
     signal: CommitSignal | None = field(default=None, init=False)
+    metrics: AuditMetrics | None = None
 
     @classmethod
     def from_config(cls, config: AuditConfig) -> AuditApp:
@@ -68,7 +71,10 @@ class AuditApp:
         """Register the audit, health and reflection services; returns the health servicer."""
         self.signal = CommitSignal()
         servicer = AuditServicer(
-            self.storage, self.signal, tail_poll_seconds=self.config.tail_poll_seconds
+            self.storage,
+            self.signal,
+            tail_poll_seconds=self.config.tail_poll_seconds,
+            metrics=self.metrics,
         )
         audit_pb2_grpc.add_AuditServiceServicer_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
@@ -90,16 +96,28 @@ class AuditApp:
 async def serve(config: AuditConfig) -> None:
     # Signals first: a SIGTERM during startup (migrations) still ends gracefully.
     stop = stop_event()
+    ops = Operations.start(
+        "fieldsync-audit",
+        tls=config.server_tls(),
+        metrics=AuditMetrics() if config.metrics_addr else None,
+        metrics_addr=config.metrics_addr,
+        log_calls=config.log_calls,
+        tracing=config.tracing,
+    )
     app = AuditApp.from_config(config)
+    app.metrics = ops.metrics
     tune_gc()
     try:
-        server = grpc.aio.server(interceptors=app.interceptors(), options=app.server_options())
+        server = grpc.aio.server(
+            interceptors=[*ops.interceptors(), *app.interceptors()],
+            options=app.server_options(),
+        )
         health_servicer = app.add_services(server)
         names = ("", SERVICE_NAME)
-        port = await listen(server, config.addr, health_servicer, names)
+        ops.serve_metrics(log)
+        port = await listen(server, config.addr, health_servicer, names, ops.credentials)
         await set_health(health_servicer, names, SERVING)
-        host = config.addr.rsplit(":", 1)[0]
-        log.info("audit service listening on %s:%d (database %s)", host, port, app.storage.dialect)
+        ops.announce(log, "audit service", config.addr, port, app.storage.dialect)
 
         await stop.wait()
         log.info("stopping: finishing calls in flight (grace %.1fs)", config.shutdown_grace_seconds)
@@ -108,4 +126,5 @@ async def serve(config: AuditConfig) -> None:
         await server.stop(config.shutdown_grace_seconds)
     finally:
         app.close()
+        ops.close()
     log.info("stopped")

@@ -30,6 +30,7 @@ from audit_service.storage import AuditStorage
 from audit_service.tail import CommitSignal, follow
 from fieldsync.errors import InvalidArgument, Reason
 from fieldsync.interceptors import current_principal, require_role
+from fieldsync.metrics import AuditMetrics
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 
 __all__ = ["AUDITOR_ROLE", "SERVICE_ROLE", "AuditServicer"]
@@ -47,11 +48,17 @@ MAX_PAGE = 1000
 
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     def __init__(
-        self, storage: AuditStorage, signal: CommitSignal, *, tail_poll_seconds: float = 1.0
+        self,
+        storage: AuditStorage,
+        signal: CommitSignal,
+        *,
+        tail_poll_seconds: float = 1.0,
+        metrics: AuditMetrics | None = None,
     ) -> None:
         self._storage = storage
         self._signal = signal
         self._poll = tail_poll_seconds
+        self._metrics = metrics
 
     async def RecordEvents(
         self, request: audit_pb2.RecordEventsRequest, context: Ctx
@@ -61,6 +68,9 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         outcome = await asyncio.to_thread(self._storage.record, good)
         if outcome.recorded:
             self._signal.notify()
+        if self._metrics is not None:
+            for kind, n in outcome.kinds.items():
+                self._metrics.events_recorded.labels(kind.lower()).inc(n)
         if bad:
             # The good events stay stored: the sender's retry of the whole batch
             # counts them as duplicates, and one bad event never holds back the rest.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,12 +131,13 @@ class SqlAuditStorage:
                     conn.execute(select(c.event_id).where(c.event_id.in_(chunk))).scalars()
                 )
             rows = [_row(ev, recorded_at) for eid, ev in unique.items() if eid not in stored]
-            inserted = 0
+            new: list[str] = []
             if rows:
-                # RETURNING counts only the rows really inserted, whatever the
+                # RETURNING names only the rows really inserted, whatever the
                 # driver reports as rowcount for an executemany.
-                inserted = len(conn.execute(self._insert_new().returning(c.seq), rows).all())
-        return RecordOutcome(inserted, len(events) - inserted)
+                new = list(conn.execute(self._insert_new().returning(c.event_id), rows).scalars())
+        kinds = Counter(unique[eid].kind.name for eid in new)
+        return RecordOutcome(len(new), len(events) - len(new), dict(kinds))
 
     def _insert_new(self) -> Any:
         """INSERT that skips an event_id already stored instead of failing."""

@@ -59,10 +59,15 @@ async def listen(
     addr: str,
     servicer: health.aio.HealthServicer,
     names: Sequence[str],
+    credentials: grpc.ServerCredentials | None = None,
 ) -> int:
-    """Open `addr` and start the server, its health names NOT_SERVING; the port bound."""
+    """Open `addr` (TLS with `credentials`) and start the server, its health names
+    NOT_SERVING; the port bound."""
     await set_health(servicer, names, NOT_SERVING)
-    port = server.add_insecure_port(addr)
+    if credentials is None:
+        port = server.add_insecure_port(addr)
+    else:
+        port = server.add_secure_port(addr, credentials)
     if port == 0:
         raise SystemExit(f"cannot listen on {addr}")
     await server.start()

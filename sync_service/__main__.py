@@ -21,9 +21,17 @@ def main() -> int:
     except ValueError as err:
         print(f"fieldsync-sync: configuration error: {err}", file=sys.stderr)
         return 2
+    from fieldsync.logs import configure
+
+    configure(config.log_format)  # before the imports below: they log too
+    from fieldsync.operations import START_ERRORS
     from sync_service.server import serve
 
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except START_ERRORS as err:
+        print(f"fieldsync-sync: cannot start: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

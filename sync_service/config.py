@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from fieldsync.auth import AuthConfig
+from fieldsync.logs import LOG_FORMATS
+from fieldsync.tls import ClientTLS, ServerTLS
 from sync_service.schema import DEFAULT_SCHEMA_PATH
+
+AUDIT_TLS_VARIABLES = (
+    "FIELDSYNC_AUDIT_TLS_CA",
+    "FIELDSYNC_AUDIT_TLS_CERT",
+    "FIELDSYNC_AUDIT_TLS_KEY",
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,42 @@ class SyncConfig:
     """FIELDSYNC_JWT_SECRET, kept to mint the audit service token."""
     auth: AuthConfig | None = None
     """Token verification (FIELDSYNC_JWT_*, FIELDSYNC_JWKS_FILE)."""
+    tls_cert: str | None = None
+    """FIELDSYNC_TLS_CERT: PEM certificate (chain) to serve TLS with; unset: plaintext.
+    Re-read when it changes: a rotated certificate reaches new connections."""
+    tls_key: str | None = None
+    """FIELDSYNC_TLS_KEY: PEM private key of FIELDSYNC_TLS_CERT (unencrypted)."""
+    tls_client_ca: str | None = None
+    """FIELDSYNC_TLS_CLIENT_CA: PEM CA; when set, callers must present a client
+    certificate it signed (mutual TLS)."""
+    audit_tls_ca: str | None = None
+    """FIELDSYNC_AUDIT_TLS_CA: PEM CA that verifies the audit service; set, the relay
+    reaches it over TLS (unset: plaintext)."""
+    audit_tls_cert: str | None = None
+    """FIELDSYNC_AUDIT_TLS_CERT: client certificate the relay presents to an audit
+    service that requires one (mutual TLS)."""
+    audit_tls_key: str | None = None
+    """FIELDSYNC_AUDIT_TLS_KEY: the private key of FIELDSYNC_AUDIT_TLS_CERT."""
+    metrics_addr: str | None = None
+    """FIELDSYNC_SYNC_METRICS_ADDR: host:port of the Prometheus /metrics endpoint (port 0
+    picks a free one, named in the log); unset: no metrics."""
+    log_format: str = "text"
+    """FIELDSYNC_LOG_FORMAT: text, or json (one JSON object a line)."""
+    log_calls: bool = False
+    """FIELDSYNC_LOG_CALLS: 1 logs a line at INFO for every finished call."""
+    tracing: bool = False
+    """Set when OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is:
+    spans of every call are exported over OTLP (the other OTEL_* variables apply)."""
+
+    def server_tls(self) -> ServerTLS | None:
+        """The TLS this service serves, None for plaintext (TLSError: incomplete)."""
+        return ServerTLS.from_settings(self.tls_cert, self.tls_key, self.tls_client_ca)
+
+    def audit_tls(self) -> ClientTLS | None:
+        """How the relay reaches the audit service over TLS, None for plaintext."""
+        return ClientTLS.from_settings(
+            self.audit_tls_ca, self.audit_tls_cert, self.audit_tls_key, AUDIT_TLS_VARIABLES
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> SyncConfig:
@@ -73,7 +117,10 @@ class SyncConfig:
                 raise ValueError(f"{name} must not be negative")
             return value
 
-        return cls(
+        log_format = (env.get("FIELDSYNC_LOG_FORMAT") or d.log_format).lower()
+        if log_format not in LOG_FORMATS:
+            raise ValueError(f"FIELDSYNC_LOG_FORMAT must be text or json, not {log_format!r}")
+        config = cls(
             addr=env.get("FIELDSYNC_SYNC_ADDR", d.addr),
             db_url=env.get("FIELDSYNC_SYNC_DB", d.db_url),
             schema_path=env.get("FIELDSYNC_SCHEMA", d.schema_path),
@@ -97,4 +144,20 @@ class SyncConfig:
             service_token_file=env.get("FIELDSYNC_SERVICE_TOKEN_FILE") or None,
             jwt_secret=env.get("FIELDSYNC_JWT_SECRET") or None,
             auth=AuthConfig.from_env(env),
+            tls_cert=env.get("FIELDSYNC_TLS_CERT") or None,
+            tls_key=env.get("FIELDSYNC_TLS_KEY") or None,
+            tls_client_ca=env.get("FIELDSYNC_TLS_CLIENT_CA") or None,
+            audit_tls_ca=env.get("FIELDSYNC_AUDIT_TLS_CA") or None,
+            audit_tls_cert=env.get("FIELDSYNC_AUDIT_TLS_CERT") or None,
+            audit_tls_key=env.get("FIELDSYNC_AUDIT_TLS_KEY") or None,
+            metrics_addr=env.get("FIELDSYNC_SYNC_METRICS_ADDR") or None,
+            log_format=log_format,
+            log_calls=env.get("FIELDSYNC_LOG_CALLS", "0") not in ("0", "", "false", "no"),
+            tracing=bool(
+                env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            ),
         )
+        config.server_tls()  # an incomplete set of TLS settings is a configuration error
+        config.audit_tls()
+        return config

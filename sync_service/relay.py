@@ -20,16 +20,20 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from fieldsync.auth import mint_token
+from fieldsync.tls import ClientTLS, TLSError
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 from fieldsync.values import decode, to_proto
 from sync_service.storage.base import OutboxEvent, Storage
+
+if TYPE_CHECKING:
+    from fieldsync.tracing import Tracing
 
 log = logging.getLogger("fieldsync.relay")
 
@@ -132,6 +136,8 @@ class AuditRelay:
         max_backoff: float = 15.0,
         idle_poll: float = 0.5,
         on_health: Callable[[bool], Any] | None = None,
+        tls: ClientTLS | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._storage = storage
         self._addr = audit_addr
@@ -143,6 +149,10 @@ class AuditRelay:
         self._on_health = on_health
         self.stats = RelayStats()
         self._healthy: bool | None = None
+        self._tls = tls
+        self._tracing = tracing
+        self._credentials: grpc.ChannelCredentials | None = None
+        self._tls_stamp: tuple[Any, ...] | None = None
 
     async def run(self) -> None:
         try:
@@ -157,9 +167,7 @@ class AuditRelay:
                 self.stats.failures,
             )
 
-    async def _run(self) -> None:
-        backoff = self._min_backoff
-        last_report = 0.0
+    def _channel(self) -> grpc.aio.Channel:
         # gRPC's own reconnect backoff grows to 120 s by default: after a long
         # audit outage the channel would stay down long after the service is
         # back, whatever our retry loop does. Keep it within our own ceiling.
@@ -167,33 +175,60 @@ class AuditRelay:
             ("grpc.initial_reconnect_backoff_ms", max(1, int(self._min_backoff * 1000))),
             ("grpc.max_reconnect_backoff_ms", max(1, int(self._max_backoff * 1000))),
         ]
-        async with grpc.aio.insecure_channel(self._addr, options=options) as channel:
-            stub = audit_pb2_grpc.AuditServiceStub(channel)
-            while True:
-                try:
-                    sent = await self._deliver_once(stub)
-                    backoff = self._min_backoff
-                    await self._set_health(True)
-                    if sent < self._batch:
-                        await asyncio.sleep(self._idle)
-                except grpc.aio.AioRpcError as err:
-                    self.stats.failures += 1
-                    await self._set_health(False)
-                    log.warning(
-                        "audit service unreachable (%s); retrying in %.1fs",
-                        err.code().name,
-                        backoff,
-                    )
-                    await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-                    backoff = min(backoff * 2, self._max_backoff)
-                except Exception:
-                    self.stats.failures += 1
-                    log.exception("audit relay error; retrying in %.1fs", backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, self._max_backoff)
-                if time.monotonic() - last_report > 10:
-                    last_report = time.monotonic()
-                    await self._report_backlog()
+        interceptors = self._tracing.client_interceptors() if self._tracing else None
+        if self._tls is None:
+            return grpc.aio.insecure_channel(self._addr, options=options, interceptors=interceptors)
+        if self._credentials is None or self._tls_changed():
+            # Files replaced (a rotated client certificate): a new channel with them.
+            self._tls_stamp = self._tls.stamp()
+            try:
+                self._credentials = self._tls.credentials()
+            except TLSError as err:
+                if self._credentials is None:
+                    raise
+                log.warning("audit TLS files changed but cannot be used (%s): keeping the old", err)
+        return grpc.aio.secure_channel(
+            self._addr, self._credentials, options=options, interceptors=interceptors
+        )
+
+    def _tls_changed(self) -> bool:
+        return self._tls is not None and self._tls.stamp() != self._tls_stamp
+
+    async def _run(self) -> None:
+        while True:
+            async with self._channel() as channel:
+                await self._deliver_over(channel)
+
+    async def _deliver_over(self, channel: grpc.aio.Channel) -> None:
+        """Deliver until the TLS files change (then a new channel takes over)."""
+        backoff = self._min_backoff
+        last_report = 0.0
+        stub = audit_pb2_grpc.AuditServiceStub(channel)
+        while not self._tls_changed():
+            try:
+                sent = await self._deliver_once(stub)
+                backoff = self._min_backoff
+                await self._set_health(True)
+                if sent < self._batch:
+                    await asyncio.sleep(self._idle)
+            except grpc.aio.AioRpcError as err:
+                self.stats.failures += 1
+                await self._set_health(False)
+                log.warning(
+                    "audit service unreachable (%s); retrying in %.1fs",
+                    err.code().name,
+                    backoff,
+                )
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, self._max_backoff)
+            except Exception:
+                self.stats.failures += 1
+                log.exception("audit relay error; retrying in %.1fs", backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._max_backoff)
+            if time.monotonic() - last_report > 10:
+                last_report = time.monotonic()
+                await self._report_backlog()
 
     async def _deliver_once(self, stub: audit_pb2_grpc.AuditServiceAsyncStub) -> int:
         events = await asyncio.to_thread(
@@ -204,7 +239,14 @@ class AuditRelay:
         request = audit_pb2.RecordEventsRequest(events=[event_to_proto(e) for e in events])
         metadata = (("authorization", f"Bearer {self._token.get()}"),)
         try:
-            resp = await stub.RecordEvents(request, metadata=metadata, timeout=30)
+            if self._tracing is None:
+                resp = await stub.RecordEvents(request, metadata=metadata, timeout=30)
+            else:
+                # The events' calls' traces, through the outbox: the span continues the
+                # first and links the others, so RecordEvents joins each trace.
+                parents = [e.payload["traceparent"] for e in events if e.payload.get("traceparent")]
+                with self._tracing.continued("fieldsync.relay deliver", parents):
+                    resp = await stub.RecordEvents(request, metadata=metadata, timeout=30)
         except grpc.aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 raise

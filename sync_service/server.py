@@ -20,11 +20,14 @@ from grpc_reflection.v1alpha import reflection
 
 from fieldsync.auth import TokenVerifier
 from fieldsync.interceptors import FieldSyncInterceptor
+from fieldsync.metrics import SyncMetrics
+from fieldsync.operations import Operations
 from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event, tune_gc
 from fieldsync.v1 import sync_pb2, sync_pb2_grpc
 from sync_service.apply import Applier
 from sync_service.config import SyncConfig
 from sync_service.feed import ChangeNotifier
+from sync_service.observe import request_hook
 from sync_service.relay import HEALTH_NAME as RELAY_HEALTH_NAME
 from sync_service.relay import AuditRelay, ServiceToken
 from sync_service.schema import load_schema
@@ -48,6 +51,7 @@ class SyncApp:
     notifier: ChangeNotifier | None = None
     relay_task: asyncio.Task[None] | None = None
     feed_listener: FeedListener | None = None
+    ops: Operations[SyncMetrics] | None = None
 
     @classmethod
     def from_config(cls, config: SyncConfig) -> SyncApp:
@@ -69,7 +73,8 @@ class SyncApp:
         return [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [FieldSyncInterceptor(self.verifier)]
+        ops = self.ops.interceptors(request_hook(self.ops.metrics)) if self.ops else []
+        return [*ops, FieldSyncInterceptor(self.verifier)]
 
     def add_services(self, server: grpc.aio.Server) -> health.aio.HealthServicer:
         """Register the sync, health and reflection services, and start the audit relay.
@@ -124,6 +129,8 @@ class SyncApp:
             self.storage,
             self.config.audit_addr,
             token,
+            tls=self.config.audit_tls(),
+            tracing=self.ops.tracing if self.ops else None,
             batch_size=self.config.relay_batch_size,
             max_backoff=self.config.relay_max_backoff_seconds,
             on_health=on_health,
@@ -165,16 +172,30 @@ class SyncApp:
 async def serve(config: SyncConfig) -> None:
     # Signals first: a SIGTERM during startup (migrations) still ends gracefully.
     stop = stop_event()
+    ops = Operations.start(
+        "fieldsync-sync",
+        tls=config.server_tls(),
+        metrics=SyncMetrics() if config.metrics_addr else None,
+        metrics_addr=config.metrics_addr,
+        log_calls=config.log_calls,
+        tracing=config.tracing,
+    )
+    audit_tls = config.audit_tls()
+    if audit_tls is not None and config.relay_enabled:
+        audit_tls.credentials()  # bad files are a start error, not a relay that never connects
     app = SyncApp.from_config(config)
+    app.ops = ops
+    if ops.metrics is not None:
+        ops.metrics.watch_outbox(app.storage.outbox_depth)
     tune_gc()
     server = grpc.aio.server(interceptors=app.interceptors(), options=app.server_options())
     health_servicer = app.add_services(server)
     names = ("", SERVICE_NAME)
-    port = await listen(server, config.addr, health_servicer, names)
+    ops.serve_metrics(log)
+    port = await listen(server, config.addr, health_servicer, names, ops.credentials)
     await app.wait_feed_listener()
     await set_health(health_servicer, names, SERVING)
-    host = config.addr.rsplit(":", 1)[0]
-    log.info("sync service listening on %s:%d (database %s)", host, port, app.storage.dialect)
+    ops.announce(log, "sync service", config.addr, port, app.storage.dialect)
 
     await stop.wait()
     log.info("stopping: finishing calls in flight (grace %.1fs)", config.shutdown_grace_seconds)
@@ -190,4 +211,5 @@ async def serve(config: SyncConfig) -> None:
     await app.subscriptions_ended(config.shutdown_grace_seconds)
     await app.stop_relay()
     app.close()
+    ops.close()
     log.info("stopped")

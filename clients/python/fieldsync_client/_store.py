@@ -387,6 +387,14 @@ class LocalStore:
             row = db.execute("SELECT count(*) FROM queue WHERE state = 'pending'").fetchone()
         return int(row[0])
 
+    def pending_health(self) -> tuple[int, int | None]:
+        """The queue's length and its oldest pending write's client_time (ns), for the hello."""
+        with self._read() as db:
+            count, oldest = db.execute(
+                "SELECT count(*), min(client_time) FROM queue WHERE state = 'pending'"
+            ).fetchone()
+        return int(count), (int(oldest) if oldest is not None else None)
+
     def dismiss(self, mutation_id: str) -> bool:
         """Forget a rejected mutation; False when there is no rejected one by that id."""
         with self._tx() as db:

@@ -151,13 +151,16 @@ def _push_once(
     # queue, so a long offline queue is not cut off for being long.
     stream = _Stream(transport, transport.timeout * (1 + batches))
     try:
-        stream.send(
-            sync_pb2.SyncRequest(
-                hello=sync_pb2.SyncHello(
-                    client_id=settings.client_id, schema_version=settings.schema_version
-                )
-            )
+        # The queue's health, for the server's reconnect metrics.
+        pending, oldest = store.pending_health()
+        hello = sync_pb2.SyncHello(
+            client_id=settings.client_id,
+            schema_version=settings.schema_version,
+            pending_mutations=pending,
         )
+        if oldest is not None:
+            hello.oldest_pending_time.FromNanoseconds(oldest)
+        stream.send(sync_pb2.SyncRequest(hello=hello))
         welcome = stream.receive()
         if welcome.WhichOneof("message") != "welcome":
             raise SyncError("sync: the server did not start the stream with a welcome")
