@@ -8,10 +8,22 @@ transaction as the change it describes; the relay turns it into the proto.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 from fieldsync.audit_kinds import EventKind
 from fieldsync.values import Fields, encode_fields
 from sync_service.storage.base import OutboxEvent
+
+# With tracing on (fieldsync.tracing), the current call's W3C traceparent: each
+# event carries it through the outbox, so the relay's RecordEvents joins the trace.
+# None (the default) costs one comparison an event.
+_trace_source: Callable[[], str | None] | None = None
+
+
+def carry_trace_context(source: Callable[[], str | None] | None) -> None:
+    """Stamp each event with `source()` (set once at start, when tracing is on)."""
+    global _trace_source
+    _trace_source = source
 
 
 def make_event(
@@ -47,4 +59,6 @@ def make_event(
         "message": message,
         "details": encode_fields(details or {}),
     }
+    if _trace_source is not None and (traceparent := _trace_source()):
+        payload["traceparent"] = traceparent
     return OutboxEvent(event_id, tenant_id, payload, occurred_at)

@@ -26,6 +26,7 @@ from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_eve
 from fieldsync.v1 import sync_pb2, sync_pb2_grpc
 from sync_service.apply import Applier
 from sync_service.config import SyncConfig
+from sync_service.events import carry_trace_context
 from sync_service.feed import ChangeNotifier
 from sync_service.observe import request_hook
 from sync_service.relay import HEALTH_NAME as RELAY_HEALTH_NAME
@@ -185,6 +186,8 @@ async def serve(config: SyncConfig) -> None:
         audit_tls.credentials()  # bad files are a start error, not a relay that never connects
     app = SyncApp.from_config(config)
     app.ops = ops
+    if ops.tracing is not None:
+        carry_trace_context(ops.tracing.traceparent)
     if ops.metrics is not None:
         ops.metrics.watch_outbox(app.storage.outbox_depth)
     tune_gc()
