@@ -9,7 +9,7 @@ PROTOS := $(wildcard protos/fieldsync/v1/*.proto)
 GEN_STAMP := fieldsync/v1/.generated-stamp
 RUN_DIR := .run
 
-.PHONY: install gen check-gen run demo test lint fmt proto-lint clean
+.PHONY: install gen check-gen run run-tls demo test lint fmt proto-lint clean
 
 install: $(STAMP) $(GEN_STAMP)
 
@@ -34,6 +34,13 @@ run: install
 	@mkdir -p $(RUN_DIR)
 	@test -s $(RUN_DIR)/jwt-secret || $(PY) -c 'import secrets; print(secrets.token_urlsafe(32))' > $(RUN_DIR)/jwt-secret
 	@FIELDSYNC_JWT_SECRET=$$(cat $(RUN_DIR)/jwt-secret) $(PY) scripts/run_dev.py
+
+# The same over TLS: a development CA and certificates made in .run/tls/, mutual TLS
+# between the services (docs/operations.md).
+run-tls: install
+	@mkdir -p $(RUN_DIR)
+	@test -s $(RUN_DIR)/jwt-secret || $(PY) -c 'import secrets; print(secrets.token_urlsafe(32))' > $(RUN_DIR)/jwt-secret
+	@FIELDSYNC_JWT_SECRET=$$(cat $(RUN_DIR)/jwt-secret) $(PY) scripts/run_dev.py --tls
 
 demo: install
 	$(PY) scripts/demo.py
