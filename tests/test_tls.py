@@ -169,6 +169,17 @@ def test_mutual_tls_refuses_no_certificate_an_expired_one_and_another_cas(
         assert not _healthy(proc.address, _raw(pki.ca.pem, pki.stranger))
         assert not _healthy(proc.address, None)
         assert "mutual TLS" in proc.stderr_text()
+        # The SDK and the CLI present their certificate.
+        mine = tls_credentials(str(pki.ca.pem), cert=str(pki.client.cert), key=str(pki.client.key))
+        with FieldSyncClient(
+            tmp_path / "c.db", proc.address, lambda: token(), credentials=mine
+        ) as client:
+            client.put("tasks", "t1", {"title": "mutual"})
+            assert client.sync().applied == 1
+        tls = ["--tls-ca", str(pki.ca.pem), "--tls-cert", str(pki.client.cert)]
+        common = ["--db", str(tmp_path / "cli.db"), "--server", proc.address, "--token", token()]
+        assert cli.main([*common, *tls, "--tls-key", str(pki.client.key), "sync"]) == 0
+        assert cli.main([*common, *tls, "sync"]) == cli.EXIT_USAGE  # a certificate without key
     finally:
         proc.stop()
 
