@@ -10,7 +10,7 @@ from typing import Any
 from fieldsync.auth import AuthConfig
 from fieldsync.logs import LOG_FORMATS
 from fieldsync.tls import ClientTLS, ServerTLS
-from sync_service.schema import DEFAULT_SCHEMA_PATH
+from sync_service.schema_file import DEFAULT_SCHEMA_PATH
 
 AUDIT_TLS_VARIABLES = (
     "FIELDSYNC_AUDIT_TLS_CA",

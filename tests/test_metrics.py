@@ -107,9 +107,27 @@ def test_the_scrape_shows_the_workload_exactly_and_the_outbox_drains(
     with grpc.insecure_channel(sync.address) as ch:
         stub = sync_pb2_grpc.SyncServiceStub(ch)
         env = SyncEnv(sync.address, ch, stub, sync.db_url)
-        other = env.client(sub="bob")
-        assert other.one("t0", {"title": "bob's"}, base=1).status == S.MUTATION_STATUS_APPLIED
-        assert other.one("x1", {"title": "new"}, op=PUT).status == S.MUTATION_STATUS_APPLIED
+        # bob edits two titles; carol, from the same base, makes them 2 conflicts and
+        # writes to a collection there is none of (1 rejected); she keeps theirs of one.
+        bob, carol = env.client(sub="bob"), env.client(sub="carol")
+        applied = bob.apply(
+            bob.mut("t1", {"title": "bob's"}, base=1), bob.mut("t2", {"title": "bob's"}, base=1)
+        )
+        assert {r.status for r in applied.results} == {S.MUTATION_STATUS_APPLIED}
+        clashed = carol.apply(
+            carol.mut("t1", {"title": "carol's"}, base=1),
+            carol.mut("t2", {"title": "carol's"}, base=1),
+        )
+        assert {r.status for r in clashed.results} == {S.MUTATION_STATUS_CONFLICT}
+        nowhere = carol.one("n1", {"title": "x"}, op=PUT, collection="no_such_collection")
+        assert nowhere.status == S.MUTATION_STATUS_REJECTED
+        stub.ResolveConflict(
+            sync_pb2.ResolveConflictRequest(
+                conflict_id=clashed.results[0].conflict.conflict_id,
+                resolution=sync_pb2.RESOLUTION_KEEP_THEIRS,
+            ),
+            metadata=carol.metadata,
+        )
         with pytest.raises(grpc.RpcError) as no_token:
             stub.GetSchema(sync_pb2.GetSchemaRequest())
         assert no_token.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -117,7 +135,18 @@ def test_the_scrape_shows_the_workload_exactly_and_the_outbox_drains(
     text, got = scrape(sync_url)
     handled = "fieldsync_rpc_handled_total"
     assert value(got, handled, service=SYNC, method="Sync", code="OK") == 1
-    assert value(got, handled, service=SYNC, method="ApplyBatch", code="OK") == 2
+    assert value(got, handled, service=SYNC, method="ApplyBatch", code="OK") == 3
+    # The write path: 12 + 2 applied, 2 conflicts, 1 rejected, 3 warnings, 1 answered.
+    mutations = "fieldsync_mutations_total"
+    assert value(got, mutations, collection="tasks", status="applied") == 14
+    assert value(got, mutations, collection="tasks", status="conflict") == 2
+    assert value(got, mutations, collection="unknown", status="rejected") == 1
+    assert value(got, "fieldsync_validation_warnings_total", code="UNKNOWN_FIELD") == 3
+    assert value(got, "fieldsync_conflicts_surfaced_total", kind="fields") == 2
+    assert value(got, "fieldsync_conflicts_resolved_total", kind="fields") == 1
+    # Sync, bob's, carol's two, the answer: five transactions, four of them waited for.
+    assert value(got, "fieldsync_write_transactions_total") == 5
+    assert value(got, "fieldsync_write_lock_wait_seconds_count") == 4
     assert value(got, handled, service=SYNC, method="GetSchema", code="UNAUTHENTICATED") == 1
     assert value(got, "fieldsync_rpc_duration_seconds_count", service=SYNC, method="Sync") == 1
     assert value(got, "fieldsync_streams_active", method="Sync") == 0
@@ -130,7 +159,7 @@ def test_the_scrape_shows_the_workload_exactly_and_the_outbox_drains(
     assert 0.2 <= value(got, "fieldsync_reconnect_offline_seconds_sum") < 60
     assert value(got, "process_resident_memory_bytes") > 0  # the standard process metrics
     # No tenant, user, client or record id in any label.
-    for needle in ("acme", client_id, "alice", "bob", 't0"'):
+    for needle in ("acme", client_id, "alice", "bob", "carol", 't1"', "no_such_collection"):
         assert needle not in text, needle
 
     # The 3 warnings reach the audit service; the outbox gauge falls back to 0.

@@ -1,7 +1,7 @@
 """The sync service's requests and results as domain objects (no protobuf).
 
-The servicer converts wire messages to these (sync_service.convert) and the
-applier (sync_service.apply) works only with them.
+The servicer converts wire messages to these (sync_service.api.convert); the
+scheduler, applier and batch run (sync_service.writes) work only with them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from enum import IntEnum
 
 from fieldsync.errors import FieldSyncError
 from fieldsync.values import Fields
-from sync_service.decode import Repair
+from sync_service.rules.decode import Repair
 from sync_service.storage.base import StoredConflict, StoredRecord
 
 
@@ -45,6 +45,9 @@ class BatchIn:
     client_id: str
     schema_version: int
     mutations: list[MutationIn]
+    traceparent: str | None = None
+    """With tracing on, the W3C trace context of the call that sent the batch: its
+    audit events carry it through the outbox (fieldsync.tracing)."""
 
 
 @dataclass(slots=True)
