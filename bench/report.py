@@ -81,9 +81,9 @@ ORDER = (
 )
 SHOWN: Mapping[str, tuple[str, ...]] = {
     "reconnect_sqlite": ("value", "ratio_vs_storage_floor", "ratio_vs_transport_floor"),
-    "reconnect_sqlite_metrics": ("value", "ratio_vs_metrics_off"),
+    "reconnect_sqlite_metrics": ("value", "ratio_vs_metrics_off", "cpu_ratio_vs_metrics_off"),
     "latency": ("p50_ms", "p99_ms"),
-    "latency_metrics": ("p50_ms", "p99_ms", "ratio_vs_metrics_off"),
+    "latency_metrics": ("p50_ms", "p99_ms", "ratio_vs_metrics_off", "cpu_ratio_vs_metrics_off"),
     "concurrent": ("value", "p99_batch_ms", "errors"),
     "store_size": ("value", "small_mutations_per_s", "large_mutations_per_s"),
     "memory": ("value", "mutations"),

@@ -121,6 +121,9 @@ def run(ctx: Ctx) -> dict[str, Figures]:
                 ctx, ctx.folder(f"reconnect-metrics-{rep}"), prep, METRICS_ON
             )
         with_metrics["ratio_vs_metrics_off"] = _ratio(with_metrics["value"], svc["value"])
+        with_metrics["cpu_ratio_vs_metrics_off"] = _ratio(
+            with_metrics["cpu_us_per_mutation"], svc["cpu_us_per_mutation"]
+        )
         metrics_runs.append(with_metrics)
         floor = _storage_floor_run(folder, prep, plain_setup, plain_queue, s.reconnect_cap)
         transport = _transport_run(folder, prep, s.reconnect_cap)
@@ -154,8 +157,13 @@ def _service_run(
 ) -> Figures:
     proc = procs.start_sync(f"sqlite:///{folder / 'sync.db'}", ctx.audit_addr, folder, extra=extra)
     with procs.running(proc):
-        tally = seed_and_stream(proc.address, prep, cap=ctx.sizes.reconnect_cap)
+        seed(proc.address, prep)
+        cpu = procs.cpu_seconds(proc.pid)
+        tally = stream(proc.address, prep, cap=ctx.sizes.reconnect_cap)
+        cpu = procs.cpu_seconds(proc.pid) - cpu
         figures = tally_figures(tally)
+        # The service's CPU time per mutation: steadier than wall time on a busy machine.
+        figures["cpu_us_per_mutation"] = round(cpu * 1e6 / max(1, tally.mutations), 2)
         figures["service_peak_rss_mb"] = round(procs.vm_hwm_kib(proc.pid) / 1024, 1)
     return figures
 
