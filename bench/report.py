@@ -102,6 +102,7 @@ UNITS = {
     "mutations": "mutations",
     "events": "events",
     "records_per_s_page_5000": "records/s",
+    "cpu_ratio_vs_metrics_off": "ratio",
 }
 
 

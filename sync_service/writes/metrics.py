@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 from fieldsync.metrics import SyncMetrics
 from sync_service.rules.merge import ConflictKind
@@ -39,6 +40,8 @@ class WriteMetrics:
         self._known = frozenset(schema.collections)
         self._transactions = metrics.write_transactions
         self._lock_wait = metrics.write_lock_wait
+        # Label children looked up once: .labels() costs more than the increment.
+        self._children: dict[tuple[str, ...], Any] = {}
 
     def waited(self, seconds: float) -> None:
         """A write waited `seconds` for its transaction to start."""
@@ -65,10 +68,17 @@ class WriteMetrics:
         self._transactions.inc()
         metrics = self._m
         for (collection, status), n in statuses.items():
-            metrics.mutations.labels(collection, status).inc(n)
+            self._child(metrics.mutations, "m", collection, status).inc(n)
         for code, n in warnings.items():
-            metrics.validation_warnings.labels(code).inc(n)
+            self._child(metrics.validation_warnings, "w", code).inc(n)
         for kind, n in surfaced.items():
-            metrics.conflicts_surfaced.labels(kind).inc(n)
+            self._child(metrics.conflicts_surfaced, "s", kind).inc(n)
         for kind, n in resolved.items():
-            metrics.conflicts_resolved.labels(kind).inc(n)
+            self._child(metrics.conflicts_resolved, "r", kind).inc(n)
+
+    def _child(self, metric: Any, tag: str, *labels: str) -> Any:
+        key = (tag, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
