@@ -7,7 +7,7 @@
     ├── NotFound                   NOT_FOUND
     ├── FailedPrecondition         FAILED_PRECONDITION: not in the state the call needs
     ├── Aborted                    ABORTED: lost a race; retrying may succeed
-    └── Unavailable                UNAVAILABLE: the server is stopping; retry
+    └── Unavailable                UNAVAILABLE: stopping, or its database is down; retry
 
 Every error carries one `Reason` (a stable code, documented in docs/errors.md,
 which a test keeps in step with this enum). `to_status` turns an error into a
@@ -54,6 +54,8 @@ class Reason(StrEnum):
     CONFLICT_STALE = "CONFLICT_STALE"
     INVALID_AUDIT_EVENT = "INVALID_AUDIT_EVENT"
     SHUTTING_DOWN = "SHUTTING_DOWN"
+    MALFORMED_MESSAGE = "MALFORMED_MESSAGE"
+    DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
     INTERNAL = "INTERNAL"
 
 

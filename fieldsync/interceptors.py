@@ -5,8 +5,11 @@
 1. the caller's bearer token is verified (except for the standard health and
    reflection services, which load balancers and tools call without one) and
    the `Principal` is made available to the handler via `current_principal()`;
-2. errors are turned into statuses, in this one place: a `FieldSyncError`
-   becomes its rich `google.rpc.Status`; anything else is logged with its
+2. a request that does not parse is INVALID_ARGUMENT / MALFORMED_MESSAGE
+   (fieldsync.wire_guard), never a traceback;
+3. errors are turned into statuses, in this one place: a `FieldSyncError`
+   becomes its rich `google.rpc.Status`; a database outage is UNAVAILABLE /
+   DATABASE_UNAVAILABLE (logged as a warning); anything else is logged with its
    traceback (logger "fieldsync") and reaches the caller as an opaque INTERNAL.
 
 Handlers therefore raise domain errors and never call `context.abort` for
@@ -28,6 +31,7 @@ from grpc_status import rpc_status
 
 from fieldsync.auth import Principal, TokenVerifier, bearer_from_metadata, require_role
 from fieldsync.errors import FieldSyncError, internal_status
+from fieldsync.wire_guard import check_request, checked_requests, guard_deserializer, outage_error
 
 __all__ = [
     "UNAUTHENTICATED_METHOD_PREFIXES",
@@ -72,7 +76,11 @@ async def _statuses_for_errors(
         raise
     except FieldSyncError as err:
         await context.abort_with_status(rpc_status.to_status(err.to_status()))
-    except Exception:
+    except Exception as err:
+        outage = outage_error(err)
+        if outage is not None:
+            log.warning("%s: database unavailable: %s", method, _first_line(err))
+            await context.abort_with_status(rpc_status.to_status(outage.to_status()))
         log.exception("unexpected error in %s", method)
         await context.abort_with_status(rpc_status.to_status(internal_status()))
 
@@ -106,7 +114,7 @@ class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, un
     def _wrap(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str, metadata: _Metadata | None
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        deserializer = handler.request_deserializer
+        deserializer = guard_deserializer(handler.request_deserializer)
         serializer = handler.response_serializer
 
         if handler.unary_unary is not None:
@@ -115,7 +123,7 @@ class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, un
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 async with _statuses_for_errors(context, method):
                     self._authenticate(metadata)
-                    return await _result(inner_uu(request, context))
+                    return await _result(inner_uu(check_request(request), context))
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, deserializer, serializer)
 
@@ -127,7 +135,8 @@ class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, un
             ) -> AsyncIterator[Any]:
                 async with _statuses_for_errors(context, method):
                     self._authenticate(metadata)
-                    async with aclosing(_responses(inner_us(request, context))) as responses:
+                    outcome = inner_us(check_request(request), context)
+                    async with aclosing(_responses(outcome)) as responses:
                         async for response in responses:
                             yield response
 
@@ -141,7 +150,7 @@ class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, un
             ) -> Any:
                 async with _statuses_for_errors(context, method):
                     self._authenticate(metadata)
-                    return await _result(inner_su(requests, context))
+                    return await _result(inner_su(checked_requests(requests), context))
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, deserializer, serializer)
 
@@ -153,13 +162,20 @@ class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, un
             ) -> AsyncIterator[Any]:
                 async with _statuses_for_errors(context, method):
                     self._authenticate(metadata)
-                    async with aclosing(_responses(inner_ss(requests, context))) as responses:
+                    outcome = inner_ss(checked_requests(requests), context)
+                    async with aclosing(_responses(outcome)) as responses:
                         async for response in responses:
                             yield response
 
             return grpc.stream_stream_rpc_method_handler(stream_stream, deserializer, serializer)
 
         raise TypeError(f"{method}: the RPC method handler has no behaviour")
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception's first line, bounded: a driver's message can run to many lines."""
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
 
 
 async def _result(outcome: Any) -> Any:

@@ -1,0 +1,167 @@
+"""Issue 21's probe, replayed against a real sync service: bad bytes and outages.
+
+Each case checks the answer (status code and reason) and that nothing else
+changed: the records and the client's sequence are as they were before.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from fieldsync.db import normalize_url
+from fieldsync.v1 import sync_pb2
+from tests.conftest import make_config, running_sync
+from tests.support import Client, SyncEnv, rpc_reason
+
+GARBAGE = b"\xff\xff\xff\xff\x0f\x01garbage, not a protobuf"
+SYNC = "/fieldsync.v1.SyncService/"
+
+
+def _no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+
+
+@pytest.fixture
+def seeded(sync_env: SyncEnv) -> Client:
+    alice = sync_env.client()
+    assert alice.one("t1", {"title": "kept"}).status == sync_pb2.MUTATION_STATUS_APPLIED
+    return alice
+
+
+def _unchanged(alice: Client) -> None:
+    rec = alice.get("t1")
+    assert rec is not None and rec.version == 1 and rec.fields["title"].string_value == "kept"
+    # The client's queue position moved by nothing: its next mutation is seq 2.
+    assert alice.one("t1", {"title": "next"}).status == sync_pb2.MUTATION_STATUS_APPLIED
+
+
+def test_garbage_to_a_unary_call_is_malformed_message(
+    seeded: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    call = seeded.env.channel.unary_unary(SYNC + "ApplyBatch")
+    with pytest.raises(grpc.RpcError) as err:
+        call(GARBAGE, metadata=seeded.metadata)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_reason(err.value) == "MALFORMED_MESSAGE"
+    _no_tracebacks(caplog)
+    _unchanged(seeded)
+
+
+def test_garbage_to_a_server_streaming_call_is_malformed_message(
+    seeded: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    call = seeded.env.channel.unary_stream(SYNC + "Pull")
+    with pytest.raises(grpc.RpcError) as err:
+        list(call(GARBAGE, metadata=seeded.metadata))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_reason(err.value) == "MALFORMED_MESSAGE"
+    _no_tracebacks(caplog)
+    _unchanged(seeded)
+
+
+def test_garbage_in_a_sync_stream_ends_it_after_the_batches_before(
+    seeded: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    hello = sync_pb2.SyncRequest(hello=sync_pb2.SyncHello(client_id=seeded.client_id))
+    batch = sync_pb2.SyncRequest(
+        batch=sync_pb2.MutationBatch(
+            client_id=seeded.client_id, mutations=[seeded.mut("t2", {"title": "before"})]
+        )
+    )
+
+    def frames() -> Iterator[bytes]:
+        yield hello.SerializeToString()
+        yield batch.SerializeToString()
+        yield GARBAGE
+
+    call = seeded.env.channel.stream_stream(SYNC + "Sync")
+    got = []
+    with pytest.raises(grpc.RpcError) as err:
+        for raw in call(frames(), metadata=seeded.metadata):
+            got.append(sync_pb2.SyncResponse.FromString(raw))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_reason(err.value) == "MALFORMED_MESSAGE"
+    assert [r.WhichOneof("message") for r in got] == ["welcome", "result"]
+    assert got[1].result.results[0].status == sync_pb2.MUTATION_STATUS_APPLIED
+    _no_tracebacks(caplog)
+    rec = seeded.get("t2")
+    assert rec is not None and rec.fields["title"].string_value == "before"
+
+
+def test_garbage_as_the_first_sync_message(
+    seeded: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    call = seeded.env.channel.stream_stream(SYNC + "Sync")
+    with pytest.raises(grpc.RpcError) as err:
+        list(call(iter([GARBAGE]), metadata=seeded.metadata))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_reason(err.value) == "MALFORMED_MESSAGE"
+    _no_tracebacks(caplog)
+
+
+def test_a_lost_postgresql_is_unavailable_and_loses_nothing(
+    storage_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not storage_url.startswith("postgresql"):
+        pytest.skip("the outage is PostgreSQL refusing connections")
+    name = make_url(storage_url).database
+    admin = create_engine(
+        normalize_url(make_url(storage_url).set(database="postgres").render_as_string(False)),
+        isolation_level="AUTOCOMMIT",
+        poolclass=NullPool,
+    )
+
+    def outage(on: bool) -> None:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(not on).lower()}')
+            if on:
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE datname = :n AND pid <> pg_backend_pid()"
+                    ),
+                    {"n": name},
+                )
+
+    try:
+        with running_sync(make_config(storage_url)) as env:
+            alice = env.client()
+            assert alice.one("t1", {"title": "kept"}).status == sync_pb2.MUTATION_STATUS_APPLIED
+            outage(True)
+            lost = alice.mut("t1", {"title": "during the outage"})
+            for attempt in (
+                lambda: alice.apply(lost),
+                lambda: alice.get("t1"),
+                lambda: alice.pull(),
+            ):
+                with pytest.raises(grpc.RpcError) as err:
+                    attempt()
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert rpc_reason(err.value) == "DATABASE_UNAVAILABLE"
+            _no_tracebacks(caplog)
+            outage(False)
+            # The resend after the outage applies once, at version 2.
+            (result,) = alice.apply(lost).results
+            assert result.status == sync_pb2.MUTATION_STATUS_APPLIED
+            assert result.record.version == 2
+            (again,) = alice.apply(lost).results
+            assert again.status == sync_pb2.MUTATION_STATUS_DUPLICATE
+    finally:
+        outage(False)
+        admin.dispose()
+
+
+def test_an_unknown_method_path_stays_unimplemented(sync_env: SyncEnv) -> None:
+    call = sync_env.channel.unary_unary(SYNC + "NoSuchMethod")
+    with pytest.raises(grpc.RpcError) as err:
+        call(uuid.uuid4().bytes)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
