@@ -24,7 +24,7 @@ from audit_service.model import (
 from fieldsync.audit_kinds import EventKind
 from fieldsync.errors import InvalidArgument, Reason
 from fieldsync.v1 import audit_pb2
-from fieldsync.values import fields_from_proto, fields_to_proto
+from fieldsync.values import InvalidValue, fields_from_proto, fields_to_proto
 
 __all__ = [
     "event_from_proto",
@@ -62,8 +62,14 @@ def event_from_proto(pe: audit_pb2.AuditEvent, path: str) -> AuditEvent | list[V
         bad.append((f"{path}.occurred_at", "required"))
     else:
         occurred_at = _nanos(pe.occurred_at)
-        if not MIN_NANOS <= occurred_at <= MAX_NANOS:
+        if not 0 <= pe.occurred_at.nanos <= 999_999_999:
+            bad.append((f"{path}.occurred_at", "nanos must be 0 to 999999999"))
+        elif not MIN_NANOS <= occurred_at <= MAX_NANOS:
             bad.append((f"{path}.occurred_at", "out of range (years 1677 to 2262)"))
+    try:
+        details = fields_from_proto(pe.details)
+    except InvalidValue as err:
+        bad.append((f"{path}.details", err.message))
     if bad:
         return bad
     return AuditEvent(
@@ -80,7 +86,7 @@ def event_from_proto(pe: audit_pb2.AuditEvent, path: str) -> AuditEvent | list[V
         actor=pe.actor,
         client_schema_version=pe.client_schema_version,
         message=pe.message,
-        details=fields_from_proto(pe.details),
+        details=details,
     )
 
 

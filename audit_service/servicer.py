@@ -4,8 +4,10 @@ No SQL here. Database work runs in worker threads so the event loop keeps
 serving other calls; FieldSyncErrors become statuses in the interceptor
 (fieldsync.interceptors). Who may do what (SPEC §5):
 
-- RecordEvents: role `fieldsync:service`, a cross-tenant caller (each event
-  names its own tenant).
+- RecordEvents: a service token (audience FIELDSYNC_SERVICE_AUDIENCE, role
+  `fieldsync:service`), a cross-tenant caller (each event names its own
+  tenant). A user token, whatever its roles, is refused: user tokens of any
+  tenant must not write any tenant's audit log.
 - QueryEvents, TailEvents: role `auditor`, confined to the token's tenant.
 """
 
@@ -28,6 +30,7 @@ from audit_service.convert import (
 from audit_service.paging import decode_page_token, encode_page_token
 from audit_service.storage import AuditStorage
 from audit_service.tail import CommitSignal, follow
+from fieldsync.auth import SERVICE_ROLE, require_service
 from fieldsync.errors import InvalidArgument, Reason
 from fieldsync.interceptors import current_principal, require_role
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
@@ -38,7 +41,6 @@ log = logging.getLogger("fieldsync.audit")
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
-SERVICE_ROLE = "fieldsync:service"
 AUDITOR_ROLE = "auditor"
 
 DEFAULT_PAGE = 100
@@ -56,7 +58,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     async def RecordEvents(
         self, request: audit_pb2.RecordEventsRequest, context: Ctx
     ) -> audit_pb2.RecordEventsResponse:
-        require_role(current_principal(), SERVICE_ROLE)
+        require_service(current_principal())
         good, bad = events_from_proto(request.events)
         outcome = await asyncio.to_thread(self._storage.record, good)
         if outcome.recorded:

@@ -56,6 +56,7 @@ class Reason(StrEnum):
     SHUTTING_DOWN = "SHUTTING_DOWN"
     MALFORMED_MESSAGE = "MALFORMED_MESSAGE"
     DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+    SERVICE_TOKEN_REQUIRED = "SERVICE_TOKEN_REQUIRED"
     INTERNAL = "INTERNAL"
 
 
@@ -110,6 +111,21 @@ class Unavailable(FieldSyncError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+# What an error may echo back: a status travels in a trailer (gRPC's default
+# limit on metadata is 8 KB), and a request field can be megabytes long.
+MAX_MESSAGE_CHARS = 1000
+MAX_VIOLATIONS = 1000
+MAX_VIOLATION_CHARS = 300
+
+
+def clip(text: str, most: int = 80) -> str:
+    """`text`, shortened to `most` characters (with a marker) when longer: for quoting
+    a request's value in an error message."""
+    if len(text) <= most:
+        return text
+    return f"{text[: most - 1]}…({len(text)} characters)"
+
+
 def to_status(
     code: grpc.StatusCode,
     reason: Reason,
@@ -117,18 +133,24 @@ def to_status(
     violations: Sequence[tuple[str, str]] = (),
     metadata: dict[str, str] | None = None,
 ) -> status_pb2.Status:
-    """A google.rpc.Status with ErrorInfo (and BadRequest when there are violations)."""
-    status = status_pb2.Status(code=code.value[0], message=message)
+    """A google.rpc.Status with ErrorInfo (and BadRequest when there are violations).
+
+    Bounded whatever the error holds: a message or violation that quotes a huge
+    request field is clipped, so the status always fits in a trailer.
+    """
+    status = status_pb2.Status(code=code.value[0], message=clip(message, MAX_MESSAGE_CHARS))
     info = error_details_pb2.ErrorInfo(reason=str(reason), domain=ERROR_DOMAIN)
-    info.metadata.update(metadata or {})
+    info.metadata.update({k: clip(v, MAX_VIOLATION_CHARS) for k, v in (metadata or {}).items()})
     detail = any_pb2.Any()
     detail.Pack(info)
     status.details.append(detail)
     if violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                for f, d in violations
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=clip(f, MAX_VIOLATION_CHARS), description=clip(d, MAX_VIOLATION_CHARS)
+                )
+                for f, d in violations[:MAX_VIOLATIONS]
             ]
         )
         detail = any_pb2.Any()

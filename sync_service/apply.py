@@ -39,6 +39,7 @@ from fieldsync.errors import (
     NotFound,
     PermissionDenied,
     Reason,
+    clip,
 )
 from fieldsync.values import Fields, FieldValue
 from sync_service.decode import Repair, WarningCode, apply_defaults, decode_fields
@@ -269,7 +270,7 @@ class Applier:
         with self._storage.write_transaction(exclusive=True) as tx:
             conflict = tx.load_conflicts(principal.tenant_id, [conflict_id]).get(conflict_id)
             if conflict is None:
-                raise NotFound(Reason.CONFLICT_NOT_FOUND, f"no conflict {conflict_id!r}")
+                raise NotFound(Reason.CONFLICT_NOT_FOUND, f"no conflict {clip(conflict_id)!r}")
             if conflict.resolved:
                 raise FailedPrecondition(
                     Reason.CONFLICT_ALREADY_RESOLVED, f"conflict {conflict_id} is resolved already"
@@ -546,6 +547,10 @@ class _BatchRun:
         return outcome
 
     def _validate(self, m: MutationIn) -> _CollectionRules:
+        if m.invalid:
+            raise InvalidArgument(
+                Reason.INVALID_MUTATION, m.invalid, violations=[("mutation", m.invalid)]
+            )
         if not m.mutation_id or len(m.mutation_id) > MAX_ID_LENGTH:
             raise InvalidArgument(
                 Reason.INVALID_MUTATION,
@@ -570,7 +575,7 @@ class _BatchRun:
             if rules is None:
                 raise InvalidArgument(
                     Reason.UNKNOWN_COLLECTION,
-                    f"the schema has no collection {m.collection!r}",
+                    f"the schema has no collection {clip(m.collection)!r}",
                     violations=[("mutation.collection", "not in the schema")],
                 )
             if not rules.spec.can_write(self.principal.roles):
@@ -665,7 +670,7 @@ class _BatchRun:
                 Repair(
                     WarningCode.CONFLICT_NOT_FOUND,
                     "",
-                    f"resolves_conflict_id {cid!r} names no conflict of this record; "
+                    f"resolves_conflict_id {clip(cid)!r} names no conflict of this record; "
                     "the mutation was applied as an ordinary one",
                 )
             )

@@ -5,12 +5,29 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from fieldsync.v1 import common_pb2, sync_pb2
-from fieldsync.values import fields_from_proto, fields_to_proto, to_proto
+from fieldsync.values import InvalidValue, fields_from_proto, fields_to_proto, to_proto
 from sync_service.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome
 from sync_service.storage.base import FeedRecord, StoredConflict, StoredRecord
 
 
 def mutation_from_proto(pm: sync_pb2.Mutation) -> MutationIn:
+    try:
+        return _mutation_from_proto(pm)
+    except InvalidValue as err:
+        # Rejected by the applier, consuming its sequence: a resend is the same bytes.
+        return MutationIn(
+            pm.mutation_id,
+            pm.client_seq,
+            pm.op,
+            pm.collection,
+            pm.record_id,
+            {},
+            0,
+            invalid=err.message,
+        )
+
+
+def _mutation_from_proto(pm: sync_pb2.Mutation) -> MutationIn:
     # Positional, and maps read only when set: this runs for every mutation.
     fields = pm.fields
     base_fields = pm.base_fields
@@ -29,6 +46,8 @@ def mutation_from_proto(pm: sync_pb2.Mutation) -> MutationIn:
 
 
 def _nanos(ts: Timestamp) -> int:
+    if not 0 <= ts.nanos <= 999_999_999:
+        raise InvalidValue(f"client_time's nanos must be 0 to 999999999, not {ts.nanos}")
     return ts.seconds * 1_000_000_000 + ts.nanos
 
 

@@ -15,6 +15,8 @@ import contextlib
 from fieldsync.errors import InvalidArgument, Reason
 
 _PREFIX = "fs1:"
+_MAX_POSITION = 2**63 - 1  # feed positions are BIGINTs
+_MAX_CURSOR_LENGTH = 64  # an issued cursor is about 30 characters
 
 
 def encode_cursor(position: int) -> str:
@@ -25,11 +27,13 @@ def decode_cursor(cursor: str) -> int:
     if not cursor:
         return 0
     try:
+        if len(cursor) > _MAX_CURSOR_LENGTH:
+            raise ValueError("too long")
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         if not text.startswith(_PREFIX):
             raise ValueError(text)
         position = int(text[len(_PREFIX) :])
-        if position < 0:
+        if not 0 <= position <= _MAX_POSITION:
             raise ValueError(text)
         return position
     except (ValueError, binascii.Error, UnicodeDecodeError):

@@ -26,14 +26,13 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from fieldsync.auth import mint_token
+from fieldsync.auth import DEFAULT_SERVICE_AUDIENCE, SERVICE_ROLE, mint_token
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 from fieldsync.values import decode, to_proto
 from sync_service.storage.base import OutboxEvent, Storage
 
 log = logging.getLogger("fieldsync.relay")
 
-SERVICE_ROLE = "fieldsync:service"
 HEALTH_NAME = "fieldsync.audit_relay"
 
 
@@ -50,7 +49,7 @@ class ServiceToken:
         *,
         secret: str | None,
         token_file: str | None,
-        audience: str = "fieldsync",
+        audience: str = DEFAULT_SERVICE_AUDIENCE,
         issuer: str | None = None,
     ) -> None:
         if not secret and not token_file:

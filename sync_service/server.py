@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fieldsync.auth import TokenVerifier
+from fieldsync.auth import DEFAULT_SERVICE_AUDIENCE, TokenVerifier
 from fieldsync.interceptors import FieldSyncInterceptor
 from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event, tune_gc
 from fieldsync.v1 import sync_pb2, sync_pb2_grpc
@@ -108,7 +108,7 @@ class SyncApp:
         token = ServiceToken(
             secret=self.config.jwt_secret,
             token_file=self.config.service_token_file,
-            audience=auth.audience if auth else "fieldsync",
+            audience=auth.service_audience if auth else DEFAULT_SERVICE_AUDIENCE,
             issuer=auth.issuer if auth else None,
         )
 

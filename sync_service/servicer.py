@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from fieldsync.auth import Principal
-from fieldsync.errors import InvalidArgument, Reason
+from fieldsync.errors import InvalidArgument, Reason, clip
 from fieldsync.interceptors import current_principal
 from fieldsync.v1 import common_pb2, sync_pb2, sync_pb2_grpc
 from fieldsync.values import fields_from_proto
@@ -202,7 +202,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         if batch.client_id and batch.client_id != client_id:
             raise InvalidArgument(
                 Reason.CLIENT_ID_MISMATCH,
-                f"batch client_id {batch.client_id!r} differs from the hello's",
+                f"batch client_id {clip(batch.client_id)!r} differs from the hello's",
                 violations=[("batch.client_id", "must equal hello.client_id")],
             )
         batch = BatchIn(client_id, batch.schema_version or schema_version, batch.mutations)
@@ -494,7 +494,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         if name not in self._applier.schema.collections:
             raise InvalidArgument(
                 Reason.UNKNOWN_COLLECTION,
-                f"the schema has no collection {name!r}",
+                f"the schema has no collection {clip(name)!r}",
                 violations=[(field, "not in the schema")],
             )
 

@@ -48,7 +48,7 @@ from audit_service.server import SERVICE_NAME, AuditApp
 from audit_service.storage import MIGRATIONS, SqlAuditStorage
 from audit_service.tables import VERSION_TABLE, metadata
 from fieldsync.audit_kinds import EventKind
-from fieldsync.auth import AuthConfig, mint_token
+from fieldsync.auth import DEFAULT_SERVICE_AUDIENCE, AuthConfig, mint_token
 from fieldsync.db import normalize_url
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 from fieldsync.values import FieldValue, Json, Timestamp, fields_from_proto, same, to_proto
@@ -78,14 +78,21 @@ CALL_TIMEOUT = 30.0  # a safety net for a wedged server, never reached when it w
 Metadata = tuple[tuple[str, str], ...]
 
 
-def md(*, tenant: str = ACME, sub: str = "someone", roles: Sequence[str] = ()) -> Metadata:
-    tok = mint_token(SECRET, sub=sub, tenant_id=tenant, roles=list(roles))
+def md(
+    *, tenant: str = ACME, sub: str = "someone", roles: Sequence[str] = (), aud: str = "fieldsync"
+) -> Metadata:
+    tok = mint_token(SECRET, sub=sub, tenant_id=tenant, roles=list(roles), audience=aud)
     return (("authorization", f"Bearer {tok}"),)
 
 
 def service() -> Metadata:
     """The sync service's token: its own tenant claim says nothing about the events."""
-    return md(tenant="fieldsync-system", sub="sync-service", roles=["fieldsync:service"])
+    return md(
+        tenant="fieldsync-system",
+        sub="sync-service",
+        roles=["fieldsync:service"],
+        aud=DEFAULT_SERVICE_AUDIENCE,
+    )
 
 
 def auditor(tenant: str = ACME) -> Metadata:
@@ -507,9 +514,23 @@ def test_record_events_stores_once_and_counts_duplicates(audit: AuditEnv) -> Non
 )
 def test_record_events_needs_the_service_role(audit: AuditEnv, roles: list[str]) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        audit.record(ev("e1"), metadata=md(roles=roles))
+        audit.record(ev("e1"), metadata=md(roles=roles, aud=DEFAULT_SERVICE_AUDIENCE))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert rpc_reason(err.value) == "ROLE_REQUIRED"
+    assert audit.ids() == []
+    # Once the role is there, the event was not half-recorded: it is new.
+    assert audit.record(ev("e1")).recorded == 1
+
+
+@pytest.mark.parametrize("tenant", [ACME, GLOBEX, "fieldsync-system"])
+def test_record_events_refuses_a_user_token_even_with_the_service_role(
+    audit: AuditEnv, tenant: str
+) -> None:
+    # Issue 21: any tenant's user token with the role could write any tenant's events.
+    with pytest.raises(grpc.RpcError) as err:
+        audit.record(ev("e1"), metadata=md(tenant=tenant, roles=["fieldsync:service"]))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert rpc_reason(err.value) == "SERVICE_TOKEN_REQUIRED"
     assert audit.ids() == []
     # Once the role is there, the event was not half-recorded: it is new.
     assert audit.record(ev("e1")).recorded == 1

@@ -6,20 +6,25 @@ changed: the records and the client's sequence are as they were before.
 
 from __future__ import annotations
 
+import base64
 import logging
+import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
+import jwt
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from fieldsync.db import normalize_url
+from fieldsync.errors import reason_of
 from fieldsync.v1 import sync_pb2
 from tests.conftest import make_config, running_sync
-from tests.support import Client, SyncEnv, rpc_reason
+from tests.support import SECRET, Client, SyncEnv, md, rpc_reason
 
 GARBAGE = b"\xff\xff\xff\xff\x0f\x01garbage, not a protobuf"
 SYNC = "/fieldsync.v1.SyncService/"
@@ -47,7 +52,7 @@ def _unchanged(alice: Client) -> None:
 def test_garbage_to_a_unary_call_is_malformed_message(
     seeded: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
-    call = seeded.env.channel.unary_unary(SYNC + "ApplyBatch")
+    call: Any = seeded.env.channel.unary_unary(SYNC + "ApplyBatch")
     with pytest.raises(grpc.RpcError) as err:
         call(GARBAGE, metadata=seeded.metadata)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -59,7 +64,7 @@ def test_garbage_to_a_unary_call_is_malformed_message(
 def test_garbage_to_a_server_streaming_call_is_malformed_message(
     seeded: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
-    call = seeded.env.channel.unary_stream(SYNC + "Pull")
+    call: Any = seeded.env.channel.unary_stream(SYNC + "Pull")
     with pytest.raises(grpc.RpcError) as err:
         list(call(GARBAGE, metadata=seeded.metadata))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -83,7 +88,7 @@ def test_garbage_in_a_sync_stream_ends_it_after_the_batches_before(
         yield batch.SerializeToString()
         yield GARBAGE
 
-    call = seeded.env.channel.stream_stream(SYNC + "Sync")
+    call: Any = seeded.env.channel.stream_stream(SYNC + "Sync")
     got = []
     with pytest.raises(grpc.RpcError) as err:
         for raw in call(frames(), metadata=seeded.metadata):
@@ -100,7 +105,7 @@ def test_garbage_in_a_sync_stream_ends_it_after_the_batches_before(
 def test_garbage_as_the_first_sync_message(
     seeded: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
-    call = seeded.env.channel.stream_stream(SYNC + "Sync")
+    call: Any = seeded.env.channel.stream_stream(SYNC + "Sync")
     with pytest.raises(grpc.RpcError) as err:
         list(call(iter([GARBAGE]), metadata=seeded.metadata))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -161,7 +166,100 @@ def test_a_lost_postgresql_is_unavailable_and_loses_nothing(
 
 
 def test_an_unknown_method_path_stays_unimplemented(sync_env: SyncEnv) -> None:
-    call = sync_env.channel.unary_unary(SYNC + "NoSuchMethod")
+    call: Any = sync_env.channel.unary_unary(SYNC + "NoSuchMethod")
     with pytest.raises(grpc.RpcError) as err:
         call(uuid.uuid4().bytes)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+# -- point 8: bounded inputs, tokens, timestamps -------------------------------------
+
+
+def _cursor(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("cursor", [_cursor(f"fs1:{2**70}"), _cursor(f"fs1:{2**63}"), "A" * 5000])
+def test_a_cursor_beyond_the_feed_is_invalid_cursor(seeded: Client, cursor: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        seeded.pull(cursor)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_reason(err.value) == "INVALID_CURSOR"
+    records, _ = seeded.pull()
+    assert [r.record_id for r in records] == ["t1"]
+
+
+def test_a_huge_conflict_id_is_not_echoed(seeded: Client) -> None:
+    huge = "c" * 1_000_000
+    with pytest.raises(grpc.RpcError) as err:
+        seeded.env.stub.ResolveConflict(
+            sync_pb2.ResolveConflictRequest(
+                conflict_id=huge, resolution=sync_pb2.RESOLUTION_KEEP_THEIRS
+            ),
+            metadata=seeded.metadata,
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert rpc_reason(err.value) == "CONFLICT_NOT_FOUND"
+    assert len(err.value.details() or "") < 2000
+    _unchanged(seeded)
+
+
+def _raw_token(**claims: Any) -> str:
+    now = int(time.time())
+    base: dict[str, Any] = {
+        "sub": "alice",
+        "tenant_id": "acme",
+        "roles": ["member"],
+        "aud": "fieldsync",
+        "exp": now + 600,
+    }
+    base.update(claims)
+    return jwt.encode(base, SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"exp": str(int(time.time()) + 600)},
+        {"exp": 1e30},
+        {"exp": float(int(time.time()) + 600)},
+        {"exp": int(time.time()) + 2 * 86_400},  # beyond the one-day default lifetime
+        {"iat": "0"},
+    ],
+    ids=["numeric-string", "1e30", "float", "two-days", "iat-string"],
+)
+def test_exp_must_be_a_whole_number_within_the_lifetime(
+    seeded: Client, claims: dict[str, Any]
+) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        seeded.env.stub.GetRecords(
+            sync_pb2.GetRecordsRequest(collection="tasks", record_ids=["t1"]),
+            metadata=md(_raw_token(**claims)),
+        )
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert rpc_reason(err.value) == "INVALID_TOKEN"
+    ok = seeded.env.stub.GetRecords(
+        sync_pb2.GetRecordsRequest(collection="tasks", record_ids=["t1"]),
+        metadata=md(_raw_token()),
+    )
+    assert [r.record_id for r in ok.records] == ["t1"]
+
+
+def test_negative_timestamp_nanos_reject_the_mutation_and_consume_its_seq(seeded: Client) -> None:
+    bad = seeded.mut("t1", {"title": "no"})
+    bad.fields["title"].timestamp_value.seconds = 1
+    bad.fields["title"].timestamp_value.nanos = -5
+    late = seeded.mut("t1", {"title": "late"})
+    late.client_time.seconds, late.client_time.nanos = 1, -5
+    after = seeded.mut("t1", {"title": "after"})
+    result = seeded.apply(bad, late, after)
+    assert [r.status for r in result.results] == [
+        sync_pb2.MUTATION_STATUS_REJECTED,
+        sync_pb2.MUTATION_STATUS_REJECTED,
+        sync_pb2.MUTATION_STATUS_APPLIED,
+    ]
+    assert {r.error.code for r in result.results[:2]} == {grpc.StatusCode.INVALID_ARGUMENT.value[0]}
+    assert {reason_of(r.error) for r in result.results[:2]} == {"INVALID_MUTATION"}
+    assert result.last_applied_seq == after.client_seq
+    rec = seeded.get("t1")
+    assert rec is not None and rec.version == 2 and rec.fields["title"].string_value == "after"
