@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -43,7 +43,14 @@ from fieldsync.errors import (
 )
 from fieldsync.values import Fields, FieldValue
 from sync_service.decode import Repair, WarningCode, apply_defaults, decode_fields
-from sync_service.events import make_event
+from sync_service.events import MAX_WARNING_EVENTS, make_event
+from sync_service.limits import (
+    MAX_CONFLICT_ID_LENGTH,
+    MAX_ID_LENGTH,
+    MAX_RECORD_ID_LENGTH,
+    problem,
+    storable,
+)
 from sync_service.merge import DELETED, Change, Decision, Op, Outcome, decide
 from sync_service.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome, Status
 from sync_service.schema import CollectionSpec, Policy, Schema
@@ -62,9 +69,6 @@ from sync_service.storage.base import (
 )
 
 log = logging.getLogger("fieldsync.sync")
-
-MAX_ID_LENGTH = 200
-MAX_RECORD_ID_LENGTH = 500
 
 
 class Resolution:
@@ -224,11 +228,11 @@ class Applier:
 
     def check_batch(self, batch: BatchIn) -> None:
         """The checks of a batch as a whole (InvalidArgument), before anything is read."""
-        if not batch.client_id or len(batch.client_id) > MAX_ID_LENGTH:
+        if problem(batch.client_id, MAX_ID_LENGTH) is not None:
             raise InvalidArgument(
                 Reason.MISSING_CLIENT_ID,
-                "the batch needs a client_id (at most 200 characters)",
-                violations=[("batch.client_id", "required, at most 200 characters")],
+                "the batch needs a client_id (at most 200 characters, no NUL)",
+                violations=[("batch.client_id", "required, at most 200 characters, no NUL")],
             )
         if len(batch.mutations) > self._max_batch:
             raise InvalidArgument(
@@ -243,11 +247,11 @@ class Applier:
 
     def last_applied_seq(self, principal: Principal, client_id: str) -> int:
         """What the server has from this client (0 for a new one); checks ownership."""
-        if not client_id:
+        if problem(client_id, MAX_ID_LENGTH) is not None:
             raise InvalidArgument(
                 Reason.MISSING_CLIENT_ID,
-                "the hello needs a client_id",
-                violations=[("hello.client_id", "required")],
+                "the hello needs a client_id (at most 200 characters, no NUL)",
+                violations=[("hello.client_id", "required, at most 200 characters, no NUL")],
             )
         client = self._storage.get_client(client_id)
         if client is None:
@@ -268,7 +272,9 @@ class Applier:
             )
         # Exclusive: a conflict answer is rare and small, and must not meet another.
         with self._storage.write_transaction(exclusive=True) as tx:
-            conflict = tx.load_conflicts(principal.tenant_id, [conflict_id]).get(conflict_id)
+            conflict = None
+            if problem(conflict_id, MAX_CONFLICT_ID_LENGTH) is None:  # else it names none
+                conflict = tx.load_conflicts(principal.tenant_id, [conflict_id]).get(conflict_id)
             if conflict is None:
                 raise NotFound(Reason.CONFLICT_NOT_FOUND, f"no conflict {clip(conflict_id)!r}")
             if conflict.resolved:
@@ -415,7 +421,7 @@ class _BatchRun:
         """Read every record, history row and conflict the batch needs, set-based."""
         by_collection: dict[str, dict[str, int]] = defaultdict(dict)
         for m in fresh:
-            if m.collection in self.applier._rules and m.record_id:
+            if m.collection in self.applier._rules and m.record_id and not m.invalid:
                 bases = by_collection[m.collection]
                 bases[m.record_id] = min(bases.get(m.record_id, m.base_version), m.base_version)
         for r in stored:
@@ -439,7 +445,11 @@ class _BatchRun:
             if foreign:
                 for rid, changes in self.tx.load_changes(self.tenant, collection, foreign).items():
                     self.changes[(collection, rid)] = changes
-        wanted = {m.resolves_conflict_id for m in fresh if m.resolves_conflict_id}
+        wanted = {
+            m.resolves_conflict_id
+            for m in fresh
+            if problem(m.resolves_conflict_id, MAX_CONFLICT_ID_LENGTH) is None
+        }
         wanted.update(r.payload["c"] for r in stored if r.payload.get("c"))
         if wanted:
             self.conflicts.update(self.tx.load_conflicts(self.tenant, wanted))
@@ -718,10 +728,7 @@ class _BatchRun:
         return rec.version if rec else 0
 
     def _stage_events(self, m: MutationIn, outcome: MutationOutcome, d: Decision) -> None:
-        for r in outcome.warnings:
-            self._event(
-                EventKind.VALIDATION_WARNING, m, code=str(r.code), field=r.field, message=r.message
-            )
+        self._warning_events(m, outcome.warnings)
         if outcome.conflict is not None:
             c = outcome.conflict
             for fc in c.fields:
@@ -763,6 +770,26 @@ class _BatchRun:
                 },
             )
 
+    def _warning_events(self, m: MutationIn, repairs: list[Repair]) -> None:
+        """A VALIDATION_WARNING event a warning, up to MAX_WARNING_EVENTS; one event
+        counts the rest (200,000 unknown fields made 200,000 outbox rows)."""
+        for r in repairs[:MAX_WARNING_EVENTS]:
+            self._event(
+                EventKind.VALIDATION_WARNING, m, code=str(r.code), field=r.field, message=r.message
+            )
+        rest = repairs[MAX_WARNING_EVENTS:]
+        if rest:
+            codes = Counter(str(r.code) for r in rest)
+            details: Fields = {"omitted": len(rest)}
+            details.update({f"omitted.{code}": n for code, n in sorted(codes.items())})
+            self._event(
+                EventKind.VALIDATION_WARNING,
+                m,
+                code=codes.most_common(1)[0][0],
+                message=f"{len(rest)} more warnings of this mutation, counted in details",
+                details=details,
+            )
+
     def _event(
         self,
         kind: EventKind,
@@ -801,10 +828,7 @@ class _BatchRun:
             warnings=repairs,
             error=err,
         )
-        for r in repairs:
-            self._event(
-                EventKind.VALIDATION_WARNING, m, code=str(r.code), field=r.field, message=r.message
-            )
+        self._warning_events(m, repairs)
         self._event(
             EventKind.MUTATION_REJECTED,
             m,
@@ -825,11 +849,17 @@ class _BatchRun:
             payload["e"] = [type(e).__name__, str(e.reason), e.message]
         if o.conflict is not None:
             payload["c"] = o.conflict.conflict_id
-        if m.collection in self.applier._rules and m.record_id:
+        if m.collection in self.applier._rules and m.record_id and not m.invalid:
             payload["k"] = [m.collection, m.record_id]
             self.result_keys[m.client_seq] = (m.collection, m.record_id)
         self.out.results.append(
-            StoredResult(self.client.client_id, m.client_seq, self.tenant, m.mutation_id, payload)
+            StoredResult(
+                self.client.client_id,
+                m.client_seq,
+                self.tenant,
+                storable(m.mutation_id, MAX_ID_LENGTH),  # a rejected one may be too long
+                payload,
+            )
         )
 
     def flush(self) -> None:

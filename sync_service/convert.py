@@ -6,25 +6,27 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from fieldsync.v1 import common_pb2, sync_pb2
 from fieldsync.values import InvalidValue, fields_from_proto, fields_to_proto, to_proto
+from sync_service.limits import mutation_problem
 from sync_service.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome
 from sync_service.storage.base import FeedRecord, StoredConflict, StoredRecord
 
 
 def mutation_from_proto(pm: sync_pb2.Mutation) -> MutationIn:
+    """The mutation; one that cannot be read or stored carries why in `invalid`, and
+    is rejected by the applier, consuming its sequence (a resend is the same bytes)."""
+    wrong = mutation_problem(pm.mutation_id, pm.collection, pm.record_id)
+    if wrong is not None:
+        return _unreadable(pm, f"mutation.{wrong[0]}: {wrong[1]}")
     try:
         return _mutation_from_proto(pm)
     except InvalidValue as err:
-        # Rejected by the applier, consuming its sequence: a resend is the same bytes.
-        return MutationIn(
-            pm.mutation_id,
-            pm.client_seq,
-            pm.op,
-            pm.collection,
-            pm.record_id,
-            {},
-            0,
-            invalid=err.message,
-        )
+        return _unreadable(pm, err.message)
+
+
+def _unreadable(pm: sync_pb2.Mutation, why: str) -> MutationIn:
+    return MutationIn(
+        pm.mutation_id, pm.client_seq, pm.op, pm.collection, pm.record_id, {}, 0, invalid=why
+    )
 
 
 def _mutation_from_proto(pm: sync_pb2.Mutation) -> MutationIn:
