@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
             "(default 127.0.0.1:50052) until SIGTERM."
         ),
     )
-    sub = parser.add_subparsers(dest="command", metavar="{prune,query}")
+    sub = parser.add_subparsers(dest="command", metavar="{prune,query,dead-letters}")
     add_commands(sub)
     return parser
 
@@ -51,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from audit_service.commands import run_prune
 
         return run_prune(args, config)
+    if args.command == "dead-letters":
+        from audit_service.commands import run_dead_letters
+
+        return run_dead_letters(args, config)
     if args.command == "query":
         from audit_service.commands import run_query
 

@@ -1,4 +1,7 @@
-"""The `fieldsync-audit` commands besides serving: `prune` and `query`.
+"""The `fieldsync-audit` commands besides serving: `prune`, `query` and `dead-letters`.
+
+`dead-letters` prints, from the database, the events RecordEvents refused and
+kept whole (one JSON object a line: key, tenant_id, reasons, the event).
 
 `prune` deletes events older than a number of days (the flag, else
 FIELDSYNC_AUDIT_RETENTION_DAYS) straight in the database and says how many it
@@ -10,6 +13,7 @@ FIELDSYNC_TOKEN and prints one JSON object a line.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -18,6 +22,8 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 import grpc
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
 from audit_service.config import ENV_RETENTION_DAYS, AuditConfig
@@ -27,7 +33,7 @@ from fieldsync.errors import reason_of
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 from fieldsync.values import Timestamp, fields_from_proto, to_display
 
-__all__ = ["ENV_TOKEN", "add_commands", "run_prune", "run_query"]
+__all__ = ["ENV_TOKEN", "add_commands", "run_dead_letters", "run_prune", "run_query"]
 
 ENV_TOKEN = "FIELDSYNC_TOKEN"
 NANOS_PER_DAY = 86_400 * 1_000_000_000
@@ -65,6 +71,15 @@ def add_commands(sub: Any) -> None:
     query.add_argument("--mutation", default="", help="only events of this mutation id")
     query.add_argument("--limit", type=int, default=100, metavar="N", help="at most N events")
     query.add_argument("--newest-first", action="store_true", help="newest events first")
+    letters = sub.add_parser(
+        "dead-letters",
+        help="print the refused events the service kept, as JSON lines",
+        description=(
+            "Print the events RecordEvents refused (a field over its limit, no kind, ...) and"
+            " kept whole, oldest first, one JSON object a line; read from $FIELDSYNC_AUDIT_DB."
+        ),
+    )
+    letters.add_argument("--limit", type=int, default=1000, metavar="N", help="at most N")
 
 
 def run_prune(args: argparse.Namespace, config: AuditConfig, out: TextIO | None = None) -> int:
@@ -90,6 +105,26 @@ def run_prune(args: argparse.Namespace, config: AuditConfig, out: TextIO | None 
         f" (older than {days} day{'' if days == 1 else 's'})",
         file=out or sys.stdout,
     )
+    return 0
+
+
+def run_dead_letters(
+    args: argparse.Namespace, config: AuditConfig, out: TextIO | None = None
+) -> int:
+    storage = SqlAuditStorage(config.db_url, sqlite_synchronous=config.sqlite_synchronous)
+    try:
+        storage.migrate()
+        letters = storage.dead_letters(max(1, args.limit))
+    finally:
+        storage.close()
+    for d in letters:
+        event: Any
+        try:
+            event = MessageToDict(audit_pb2.AuditEvent.FromString(d.event))
+        except DecodeError:
+            event = {"bytes_base64": base64.b64encode(d.event).decode("ascii")}
+        line = {"key": d.key, "tenant_id": d.tenant_id, "reasons": d.reasons, "event": event}
+        print(json.dumps(line, ensure_ascii=False), file=out or sys.stdout)
     return 0
 
 

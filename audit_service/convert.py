@@ -9,15 +9,18 @@ a query has nothing partial to keep. Nothing here touches the database.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 
 from google.protobuf import timestamp_pb2
 
 from audit_service.model import (
+    MAX_EVENT_ID_LENGTH,
     MAX_LENGTHS,
     MAX_NANOS,
     MIN_NANOS,
     AuditEvent,
+    DeadLetter,
     EventFilter,
     StoredEvent,
 )
@@ -32,6 +35,7 @@ __all__ = [
     "events_from_proto",
     "filter_from_proto",
     "kinds_from_proto",
+    "split_events",
 ]
 
 Violation = tuple[str, str]
@@ -94,15 +98,27 @@ def events_from_proto(
     events: Sequence[audit_pb2.AuditEvent],
 ) -> tuple[list[AuditEvent], list[Violation]]:
     """The storable events of a batch, and the violations of the others."""
+    good, refused = split_events(events)
+    return good, [v for letter in refused for v in letter.reasons]
+
+
+def split_events(
+    events: Sequence[audit_pb2.AuditEvent],
+) -> tuple[list[AuditEvent], list[DeadLetter]]:
+    """The storable events of a batch, and the others as dead letters (with their
+    violations, named `events[i].field`)."""
     good: list[AuditEvent] = []
-    bad: list[Violation] = []
+    refused: list[DeadLetter] = []
     for i, pe in enumerate(events):
         out = event_from_proto(pe, f"events[{i}]")
         if isinstance(out, AuditEvent):
             good.append(out)
-        else:
-            bad.extend(out)
-    return good, bad
+            continue
+        raw = pe.SerializeToString(deterministic=True)
+        id_ok = 0 < len(pe.event_id) <= MAX_EVENT_ID_LENGTH and "\x00" not in pe.event_id
+        key = pe.event_id if id_ok else hashlib.sha256(raw).hexdigest()
+        refused.append(DeadLetter(key, pe.tenant_id, raw, tuple(out)))
+    return good, refused
 
 
 def kinds_from_proto(kinds: Iterable[int], path: str = "kinds") -> frozenset[EventKind]:

@@ -23,9 +23,9 @@ import grpc
 
 from audit_service.convert import (
     event_to_proto,
-    events_from_proto,
     filter_from_proto,
     kinds_from_proto,
+    split_events,
 )
 from audit_service.paging import decode_page_token, encode_page_token
 from audit_service.storage import AuditStorage
@@ -59,21 +59,31 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         self, request: audit_pb2.RecordEventsRequest, context: Ctx
     ) -> audit_pb2.RecordEventsResponse:
         require_service(current_principal())
-        good, bad = events_from_proto(request.events)
+        good, refused = split_events(request.events)
         outcome = await asyncio.to_thread(self._storage.record, good)
         if outcome.recorded:
             self._signal.notify()
-        if bad:
+        if refused:
             # The good events stay stored: the sender's retry of the whole batch
             # counts them as duplicates, and one bad event never holds back the rest.
+            # The bad ones are kept whole as dead letters (`fieldsync-audit
+            # dead-letters`), so a sender may forget them: "dead_lettered" says so.
+            new = await asyncio.to_thread(self._storage.dead_letter, refused)
+            log.warning(
+                "RecordEvents: %d malformed events kept as dead letters (%d new): %s",
+                len(refused),
+                new,
+                "; ".join(f"{f}: {d}" for f, d in refused[0].reasons)[:500],
+            )
             raise InvalidArgument(
                 Reason.INVALID_AUDIT_EVENT,
-                f"{len(request.events) - len(good)} of {len(request.events)} events are"
-                " malformed and were not stored; the others were",
-                violations=bad,
+                f"{len(refused)} of {len(request.events)} events are malformed and were"
+                " not stored as events (they were kept as dead letters); the others were",
+                violations=[v for letter in refused for v in letter.reasons],
                 metadata={
                     "recorded": str(outcome.recorded),
                     "duplicates": str(outcome.duplicates),
+                    "dead_lettered": str(len(refused)),
                 },
             )
         return audit_pb2.RecordEventsResponse(

@@ -575,7 +575,8 @@ def test_malformed_events_are_named_and_the_valid_ones_beside_them_are_stored(
         "events[7].tenant_id": "required",
         "events[9].record_id": "at most 500 characters",
     }
-    assert error_metadata(err.value) == {"recorded": "3", "duplicates": "0"}
+    # The malformed ones are kept whole as dead letters (issue 21), never lost.
+    assert error_metadata(err.value) == {"recorded": "3", "duplicates": "0", "dead_lettered": "7"}
     assert audit.ids() == ["good-0", "good-2"]
     assert audit.ids(auditor(GLOBEX)) == ["good-8"]
 
@@ -583,7 +584,11 @@ def test_malformed_events_are_named_and_the_valid_ones_beside_them_are_stored(
     # are duplicates now, and a batch of only those succeeds.
     with pytest.raises(grpc.RpcError) as again:
         audit.record(*batch)
-    assert error_metadata(again.value) == {"recorded": "0", "duplicates": "3"}
+    assert error_metadata(again.value) == {
+        "recorded": "0",
+        "duplicates": "3",
+        "dead_lettered": "7",
+    }
     fixed = audit.record(batch[0], batch[2], batch[8])
     assert (fixed.recorded, fixed.duplicates) == (0, 3)
 

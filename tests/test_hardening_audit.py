@@ -9,21 +9,33 @@ ends with every event exactly once, through an audit-service restart.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import io
+import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+from grpc_status import rpc_status
 
+from audit_service.commands import run_dead_letters
+from audit_service.config import AuditConfig
+from fieldsync.audit_kinds import EventKind
+from fieldsync.auth import DEFAULT_SERVICE_AUDIENCE, mint_token
 from fieldsync.errors import reason_of
-from fieldsync.v1 import audit_pb2
+from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 from fieldsync.values import from_proto
+from sync_service.events import make_event
 from sync_service.storage.sql import SqlStorage
+from sync_service.storage.tables import outbox
 from tests.conftest import make_config, running_sync
 from tests.pg import fresh_pg_database, pg_server_url
 from tests.proc import free_port, start_audit_service
-from tests.support import PUT, Client, S
+from tests.support import PUT, SECRET, Client, S
 from tests.test_audit_delivery import Auditor, _wait_for
 
 K = audit_pb2.AuditEventKind
@@ -86,6 +98,19 @@ def test_bad_ids_consume_their_sequence_and_every_event_arrives_once(
     )
     with _audit_db(storage_url, tmp_path) as audit_url, running_sync(config) as sync:
         c = sync.client(sub="rep")
+        storage = SqlStorage(sync.db_url)
+        # An event an older sync service wrote, which the audit service refuses: it
+        # must end as a dead letter, not parked in the outbox for good.
+        bad = make_event(EventKind.VALIDATION_WARNING, tenant_id="acme", occurred_at=1)
+        with storage._write.begin() as conn:
+            conn.execute(
+                outbox.insert().values(
+                    event_id=bad.event_id,
+                    tenant_id="acme",
+                    payload=json.dumps({**bad.payload, "kind": 99}),
+                    created_at=1,
+                )
+            )
         proc = start_audit_service(audit_url, tmp_path, address=audit_addr)
         first, n1 = _batch(c, "1")
         _send(c, first)
@@ -93,10 +118,11 @@ def test_bad_ids_consume_their_sequence_and_every_event_arrives_once(
         second, n2 = _batch(c, "2")
         _send(c, second)
         proc = start_audit_service(audit_url, tmp_path, address=audit_addr)
-        storage = SqlStorage(sync.db_url)
         auditor = Auditor(audit_addr)
         try:
             _wait_for("the outbox to drain", lambda: storage.outbox_depth()[0] == 0)
+            assert storage.outbox_parked(10) == 0
+            assert [d["key"] for d in _dead_letters(audit_url)] == [bad.event_id]
             events = auditor.events()
             assert len(events) == n1 + n2
             assert len({e.event_id for e in events}) == n1 + n2
@@ -133,3 +159,62 @@ def test_get_records_of_an_id_no_engine_holds_is_absent(storage_url: str, rid: s
         assert c.get(rid) is None
         got = c.get("t1")
         assert got is not None and got.version == 1
+
+
+# -- refused events: dead letters, never parked silently ---------------------------
+
+
+def _service_md() -> tuple[tuple[str, str], ...]:
+    tok = mint_token(
+        SECRET,
+        sub="sync",
+        tenant_id="_service",
+        roles=["fieldsync:service"],
+        audience=DEFAULT_SERVICE_AUDIENCE,
+    )
+    return (("authorization", f"Bearer {tok}"),)
+
+
+def _event(event_id: str, kind: int = 1, **kw: Any) -> audit_pb2.AuditEvent:
+    e = audit_pb2.AuditEvent(event_id=event_id, tenant_id="acme", kind=kind, **kw)  # type: ignore[arg-type]
+    e.occurred_at.seconds = 1_700_000_000
+    return e
+
+
+def _dead_letters(audit_url: str) -> list[dict[str, Any]]:
+    """What `fieldsync-audit dead-letters` prints (run in process, on the real database)."""
+    out = io.StringIO()
+    config = AuditConfig(db_url=audit_url)
+    assert run_dead_letters(argparse.Namespace(limit=1000), config, out) == 0
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_refused_events_are_kept_as_dead_letters_once(storage_url: str, tmp_path: Path) -> None:
+    with _audit_db(storage_url, tmp_path) as audit_url:
+        proc = start_audit_service(audit_url, tmp_path)
+        try:
+            with grpc.insecure_channel(proc.address) as channel:
+                stub = audit_pb2_grpc.AuditServiceStub(channel)
+                batch = [_event("good"), _event("bad-kind", kind=99), _event("x" * 100)]
+                for _ in range(2):  # a resend of the same batch
+                    with pytest.raises(grpc.RpcError) as err:
+                        stub.RecordEvents(
+                            audit_pb2.RecordEventsRequest(events=batch),
+                            metadata=_service_md(),
+                            timeout=30,
+                        )
+                    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    status = rpc_status.from_call(err.value)
+                    assert status is not None and reason_of(status) == "INVALID_AUDIT_EVENT"
+                    assert "dead_lettered" in str(status.details[0].value)
+                auditor = Auditor(proc.address)
+                try:
+                    assert [e.event_id for e in auditor.events()] == ["good"]
+                finally:
+                    auditor.close()
+        finally:
+            proc.stop()
+        letters = _dead_letters(audit_url)
+        assert [d["event"]["eventId"] for d in letters] == ["bad-kind", "x" * 100]
+        assert letters[0]["key"] == "bad-kind" and len(letters[1]["key"]) == 64
+        assert letters[0]["reasons"] == [["events[1].kind", "unknown kind 99"]]

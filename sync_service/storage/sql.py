@@ -248,6 +248,11 @@ class SqlStorage:
             for chunk in chunks(list(event_ids)):
                 conn.execute(outbox.delete().where(outbox.c.event_id.in_(chunk)))
 
+    def outbox_parked(self, max_attempts: int) -> int:
+        q = select(func.count()).where(outbox.c.attempts >= max_attempts)
+        with self._read.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
     def outbox_refused(self, event_ids: Sequence[str]) -> None:
         with self._write.begin() as conn:
             for chunk in chunks(list(event_ids)):
