@@ -21,9 +21,16 @@ def main() -> int:
     except ValueError as err:
         print(f"fieldsync-sync: configuration error: {err}", file=sys.stderr)
         return 2
+    from sync_service.schema import SchemaError
     from sync_service.server import serve
+    from sync_service.storage.sql import SchemaDowngrade
 
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except (SchemaError, SchemaDowngrade) as err:
+        # One line, no traceback: the operator's file or deployment is at fault.
+        print(f"fieldsync-sync: schema error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     return 0
 
 

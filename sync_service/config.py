@@ -52,6 +52,10 @@ class SyncConfig:
     FIELDSYNC_JWT_SECRET to mint one (re-read when the file changes)."""
     jwt_secret: str | None = None
     """FIELDSYNC_JWT_SECRET, kept to mint the audit service token."""
+    allow_schema_downgrade: bool = False
+    """FIELDSYNC_SCHEMA_ALLOW_DOWNGRADE: 1 starts the service with a schema version lower
+    than the highest one the database was served with (refused by default: an old
+    schema file deployed by mistake would drop or coerce newer clients' fields)."""
     auth: AuthConfig | None = None
     """Token verification (FIELDSYNC_JWT_*, FIELDSYNC_JWKS_FILE)."""
 
@@ -96,5 +100,7 @@ class SyncConfig:
             relay_enabled=env.get("FIELDSYNC_AUDIT_RELAY", "1") not in ("0", "false", "no"),
             service_token_file=env.get("FIELDSYNC_SERVICE_TOKEN_FILE") or None,
             jwt_secret=env.get("FIELDSYNC_JWT_SECRET") or None,
+            allow_schema_downgrade=env.get("FIELDSYNC_SCHEMA_ALLOW_DOWNGRADE", "0")
+            in ("1", "true", "yes"),
             auth=AuthConfig.from_env(env),
         )

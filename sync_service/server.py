@@ -60,7 +60,16 @@ class SyncApp:
             pool_size=config.db_pool_size,
             record_cache=config.record_cache,
         )
-        storage.migrate()
+        try:
+            storage.migrate()
+            previous = storage.serve_schema(
+                schema.version, allow_downgrade=config.allow_schema_downgrade
+            )
+        except BaseException:
+            storage.close()
+            raise
+        if previous is not None and schema.version < previous:
+            log.warning("serving schema version %d below %d (forced)", schema.version, previous)
         applier = Applier(storage, schema, max_batch=config.max_batch)
         return cls(config, storage, applier, TokenVerifier(config.auth))
 

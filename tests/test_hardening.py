@@ -7,10 +7,15 @@ changed: the records and the client's sequence are as they were before.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,6 +28,9 @@ from sqlalchemy.pool import NullPool
 from fieldsync.db import normalize_url
 from fieldsync.errors import reason_of
 from fieldsync.v1 import sync_pb2
+from sync_service.schema import DEFAULT_SCHEMA_PATH, load_schema
+from sync_service.server import SyncApp
+from sync_service.storage.sql import SchemaDowngrade
 from tests.conftest import make_config, running_sync
 from tests.support import SECRET, Client, SyncEnv, md, rpc_reason
 
@@ -263,3 +271,60 @@ def test_negative_timestamp_nanos_reject_the_mutation_and_consume_its_seq(seeded
     assert result.last_applied_seq == after.client_seq
     rec = seeded.get("t1")
     assert rec is not None and rec.version == 2 and rec.fields["title"].string_value == "after"
+
+
+# -- point 8: the schema file --------------------------------------------------------
+
+
+def _run_sync(tmp_path: Path, schema: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {
+        **os.environ,
+        "FIELDSYNC_JWT_SECRET": SECRET,
+        "FIELDSYNC_SCHEMA": str(schema),
+        "FIELDSYNC_SYNC_DB": f"sqlite:///{tmp_path / 'sync.db'}",
+        "FIELDSYNC_SYNC_ADDR": "127.0.0.1:0",
+        "FIELDSYNC_AUDIT_RELAY": "0",
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "sync_service"],
+        env=full,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_malformed_schema_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "schema.yaml"
+    bad.write_text("version: 3\ncollections: [\n")
+    done = _run_sync(tmp_path, bad)
+    assert done.returncode == 2
+    lines = [ln for ln in done.stderr.splitlines() if "fieldsync-sync" in ln]
+    assert len(lines) == 1 and "not valid YAML" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_schema_version_below_the_one_served_is_refused_unless_forced(tmp_path: Path) -> None:
+    shipped = Path(DEFAULT_SCHEMA_PATH)
+    older = tmp_path / "old.yaml"
+    older.write_text(shipped.read_text().replace("version: 3", "version: 2", 1))
+    assert load_schema(older).version == 2
+    config = make_config(f"sqlite:///{tmp_path / 'sync.db'}")
+    with running_sync(config) as env:  # served with the shipped version 3
+        assert env.client().one("t1", {"title": "v3"}).status == sync_pb2.MUTATION_STATUS_APPLIED
+    with pytest.raises(SchemaDowngrade):
+        SyncApp.from_config(dataclasses.replace(config, schema_path=str(older)))
+    done = _run_sync(tmp_path, older)
+    assert done.returncode == 2 and "FIELDSYNC_SCHEMA_ALLOW_DOWNGRADE" in done.stderr
+    assert "Traceback" not in done.stderr
+    forced = dataclasses.replace(config, schema_path=str(older), allow_schema_downgrade=True)
+    with running_sync(forced) as env:
+        rec = env.client().get("t1")
+        assert rec is not None and rec.fields["title"].string_value == "v3"
+    # The highest version served stays recorded: the older file is still refused after.
+    with pytest.raises(SchemaDowngrade):
+        SyncApp.from_config(dataclasses.replace(config, schema_path=str(older)))
+    with running_sync(config) as env:  # and the current one starts as before
+        assert env.client().get("t1") is not None

@@ -55,12 +55,16 @@ from sync_service.storage.rows import (
     load_conflicts,
     load_records,
 )
-from sync_service.storage.tables import conflicts, outbox, records
+from sync_service.storage.tables import conflicts, outbox, records, served_schema
 from sync_service.storage.transactions import PgWriteTx, SqlWriteTx
 
 log = logging.getLogger("fieldsync.storage")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class SchemaDowngrade(ValueError):
+    """The schema file's version is below the one the database was served with."""
 
 
 class SqlStorage:
@@ -100,6 +104,30 @@ class SqlStorage:
             if self.dialect == "postgresql":
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_FEED_LOCK})")
             upgrade_schema(conn, MIGRATIONS)
+
+    def serve_schema(self, version: int, *, allow_downgrade: bool = False) -> int | None:
+        """Record that the database is served with schema `version`; the highest version
+        served before (None the first time). A lower version than that raises
+        SchemaDowngrade unless `allow_downgrade`; the highest stays recorded either way."""
+        s = served_schema.c
+        with self._write.begin() as conn:
+            if self.dialect == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_FEED_LOCK})")
+            before = conn.execute(select(s.version).where(s.id == 1)).scalar()
+            if before is not None and version < before and not allow_downgrade:
+                raise SchemaDowngrade(
+                    f"the schema file has version {version}, but this database was served"
+                    f" with version {before}; deploy that schema, or set"
+                    " FIELDSYNC_SCHEMA_ALLOW_DOWNGRADE=1 to serve the older one anyway"
+                )
+            now = time.time_ns()
+            if before is None:
+                conn.execute(served_schema.insert().values(id=1, version=version, served_at=now))
+            elif version >= before:
+                conn.execute(
+                    served_schema.update().where(s.id == 1).values(version=version, served_at=now)
+                )
+        return None if before is None else int(before)
 
     def close(self) -> None:
         self._write.dispose()
