@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from fieldsync.auth import AuthConfig
+from fieldsync.serving import ServerLimits
 
 _T = TypeVar("_T")
 
@@ -45,6 +46,9 @@ class AuditConfig:
     tail_poll_seconds: float = 1.0
     """FIELDSYNC_AUDIT_TAIL_POLL: how often TailEvents looks for events recorded by other
     instances (events recorded by this process wake it at once)."""
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    """Connection limits: FIELDSYNC_MAX_CONCURRENT_STREAMS, keepalive enforcement,
+    FIELDSYNC_MAX_CONNECTION_IDLE/AGE_SECONDS (fieldsync.serving.ServerLimits)."""
     auth: AuthConfig | None = None
     """Token verification (FIELDSYNC_JWT_*, FIELDSYNC_JWKS_FILE); required to serve."""
 
@@ -83,6 +87,7 @@ class AuditConfig:
             ).upper(),
             db_pool_size=_get(env, "FIELDSYNC_DB_POOL_SIZE", int, d.db_pool_size),
             tail_poll_seconds=_get(env, "FIELDSYNC_AUDIT_TAIL_POLL", float, d.tail_poll_seconds),
+            limits=ServerLimits.from_env(env),
             auth=AuthConfig.from_env(env) if require_auth else None,
         )
 

@@ -59,7 +59,11 @@ class AuditApp:
 
     def server_options(self) -> list[tuple[str, int]]:
         n = self.config.max_message_bytes
-        return [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
+        return [
+            ("grpc.max_receive_message_length", n),
+            ("grpc.max_send_message_length", n),
+            *self.config.limits.options(),
+        ]
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [FieldSyncInterceptor(self.verifier)]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fieldsync.auth import AuthConfig
+from fieldsync.serving import ServerLimits
 from sync_service.schema import DEFAULT_SCHEMA_PATH
 
 
@@ -56,6 +57,9 @@ class SyncConfig:
     """FIELDSYNC_SCHEMA_ALLOW_DOWNGRADE: 1 starts the service with a schema version lower
     than the highest one the database was served with (refused by default: an old
     schema file deployed by mistake would drop or coerce newer clients' fields)."""
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    """Connection limits: FIELDSYNC_MAX_CONCURRENT_STREAMS, keepalive enforcement,
+    FIELDSYNC_MAX_CONNECTION_IDLE/AGE_SECONDS (fieldsync.serving.ServerLimits)."""
     auth: AuthConfig | None = None
     """Token verification (FIELDSYNC_JWT_*, FIELDSYNC_JWKS_FILE)."""
 
@@ -102,5 +106,6 @@ class SyncConfig:
             jwt_secret=env.get("FIELDSYNC_JWT_SECRET") or None,
             allow_schema_downgrade=env.get("FIELDSYNC_SCHEMA_ALLOW_DOWNGRADE", "0")
             in ("1", "true", "yes"),
+            limits=ServerLimits.from_env(env),
             auth=AuthConfig.from_env(env),
         )

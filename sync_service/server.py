@@ -75,7 +75,11 @@ class SyncApp:
 
     def server_options(self) -> list[tuple[str, int]]:
         n = self.config.max_message_bytes
-        return [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
+        return [
+            ("grpc.max_receive_message_length", n),
+            ("grpc.max_send_message_length", n),
+            *self.config.limits.options(),
+        ]
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [FieldSyncInterceptor(self.verifier)]

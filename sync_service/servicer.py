@@ -305,7 +305,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
             task = asyncio.current_task()
             assert task is not None
             self._writing.discard(task)
-            self._notifier.notify()
+            self._notifier.notify({w.principal.tenant_id for w in group})
             self._release_slot()
 
     async def _apply_group(
@@ -397,7 +397,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         self._subscriptions.add(task)
         try:
             while True:
-                woken = self._notifier.snapshot()  # before the read: no wake-up is lost
+                woken = self._notifier.snapshot(tenant)  # before the read: none is lost
                 rows = await asyncio.to_thread(
                     self._storage.pull, tenant, position, collections, self._page
                 )
@@ -478,7 +478,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         except asyncio.CancelledError:
             work.add_done_callback(_log_failure)
             raise
-        self._notifier.notify()
+        self._notifier.notify([principal.tenant_id])
         out = sync_pb2.ResolveConflictResponse()
         if record.version:
             record_to_proto(record, out.record)

@@ -7,6 +7,7 @@ changed: the records and the client's sequence are as they were before.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import logging
 import os
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,14 @@ from sqlalchemy.pool import NullPool
 
 from fieldsync.db import normalize_url
 from fieldsync.errors import reason_of
-from fieldsync.v1 import sync_pb2
+from fieldsync.serving import ServerLimits
+from fieldsync.v1 import sync_pb2, sync_pb2_grpc
+from sync_service.config import SyncConfig
 from sync_service.schema import DEFAULT_SCHEMA_PATH, load_schema
 from sync_service.server import SyncApp
 from sync_service.storage.sql import SchemaDowngrade
 from tests.conftest import make_config, running_sync
+from tests.grpc_harness import serve_in_thread
 from tests.support import SECRET, Client, SyncEnv, md, rpc_reason
 
 GARBAGE = b"\xff\xff\xff\xff\x0f\x01garbage, not a protobuf"
@@ -328,3 +332,126 @@ def test_a_schema_version_below_the_one_served_is_refused_unless_forced(tmp_path
         SyncApp.from_config(dataclasses.replace(config, schema_path=str(older)))
     with running_sync(config) as env:  # and the current one starts as before
         assert env.client().get("t1") is not None
+
+
+# -- point 7: idle streams -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _app_served(config: SyncConfig) -> Iterator[tuple[SyncApp, SyncEnv]]:
+    app = SyncApp.from_config(config)
+    try:
+        with serve_in_thread(app.add_services, app.interceptors(), app.server_options()) as addr:
+            channel = grpc.insecure_channel(addr)
+            try:
+                yield app, SyncEnv(addr, channel, sync_pb2_grpc.SyncServiceStub(channel), "")
+            finally:
+                channel.close()
+    finally:
+        app.close()
+
+
+def _wait(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_commit_wakes_only_its_own_tenants_streams(tmp_path: Path) -> None:
+    config = make_config(f"sqlite:///{tmp_path / 'sync.db'}", subscribe_poll_seconds=60.0)
+    with _app_served(config) as (app, env):
+        acme, globex = env.client(tenant="acme"), env.client(tenant="globex", sub="gil")
+        idle = [
+            env.stub.Subscribe(sync_pb2.SubscribeRequest(), metadata=globex.metadata)
+            for _ in range(20)
+        ]
+        watcher = env.stub.Subscribe(sync_pb2.SubscribeRequest(), metadata=acme.metadata)
+        try:
+            notifier = app.notifier
+            assert notifier is not None
+            _wait(lambda: {"acme", "globex"} <= set(notifier._events), "the streams to wait")
+            for i in range(10):
+                assert acme.one(f"a{i}", {"title": "x"}).status == sync_pb2.MUTATION_STATUS_APPLIED
+            got = next(watcher)
+            assert got.changes[0].record_id == "a0"
+            assert notifier.wakeups["globex"] == 0  # 10 commits of acme woke none of them
+            assert notifier.wakeups["acme"] >= 1
+            assert globex.one("g1", {"title": "y"}).status == sync_pb2.MUTATION_STATUS_APPLIED
+            for stream in idle:
+                assert [r.record_id for r in next(stream).changes] == ["g1"]
+            assert notifier.wakeups["globex"] >= 1
+        finally:
+            for stream in [*idle, watcher]:
+                stream.cancel()
+
+
+def test_the_server_limits_concurrent_streams_per_connection(tmp_path: Path) -> None:
+    limits = ServerLimits(max_concurrent_streams=2)
+    config = make_config(f"sqlite:///{tmp_path / 'sync.db'}", limits=limits)
+    with _app_served(config) as (_app, env):
+        alice = env.client()
+        assert alice.one("t1", {"title": "x"}).status == sync_pb2.MUTATION_STATUS_APPLIED
+        streams = [
+            env.stub.Subscribe(sync_pb2.SubscribeRequest(), metadata=alice.metadata)
+            for _ in range(2)
+        ]
+        try:
+            for s in streams:
+                next(s)  # both open (each got t1)
+            request = sync_pb2.GetRecordsRequest(collection="tasks", record_ids=["t1"])
+            with pytest.raises(grpc.RpcError) as err:
+                env.stub.GetRecords(request, metadata=alice.metadata, timeout=1.0)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # waits for a slot
+            # Another connection (its own subchannel, not the shared one) is served.
+            own = [("grpc.use_local_subchannel_pool", 1)]
+            with grpc.insecure_channel(env.address, options=own) as other:
+                stub = sync_pb2_grpc.SyncServiceStub(other)
+                got = stub.GetRecords(request, metadata=alice.metadata, timeout=10.0)
+                assert len(got.records) == 1
+            streams[0].cancel()
+            again = env.stub.GetRecords(request, metadata=alice.metadata, timeout=10.0)
+            assert len(again.records) == 1
+        finally:
+            for s in streams:
+                s.cancel()
+
+
+def test_server_limits_are_read_from_the_environment() -> None:
+    limits = ServerLimits.from_env(
+        {"FIELDSYNC_MAX_CONCURRENT_STREAMS": "7", "FIELDSYNC_MAX_CONNECTION_AGE_SECONDS": "300"}
+    )
+    options = dict(limits.options())
+    assert options["grpc.max_concurrent_streams"] == 7
+    assert options["grpc.max_connection_age_ms"] == 300_000
+    assert "grpc.max_connection_idle_ms" not in options  # 0: off
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] == 30_000
+    with pytest.raises(ValueError, match="FIELDSYNC_KEEPALIVE_SECONDS"):
+        ServerLimits.from_env({"FIELDSYNC_KEEPALIVE_SECONDS": "soon"})
+
+
+# -- point 5: json values --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text", ["not json", "{'a': 1}", "NaN", "[" * 65 + "]" * 65], ids=["text", "py", "nan", "deep"]
+)
+def test_a_json_value_that_is_not_json_is_dropped_with_a_warning(seeded: Client, text: str) -> None:
+    m = seeded.mut("t1", {"title": "changed"}, base=1)
+    m.fields["tags"].json_value = text
+    (result,) = seeded.apply(m).results
+    assert result.status == sync_pb2.MUTATION_STATUS_APPLIED
+    assert [(w.code, w.field) for w in result.warnings] == [("FIELD_DROPPED", "tags")]
+    rec = seeded.get("t1")
+    assert rec is not None and "tags" not in rec.fields
+    assert rec.fields["title"].string_value == "changed"
+
+
+def test_a_json_value_within_the_depth_bound_is_kept(seeded: Client) -> None:
+    text = "[" * 64 + "]" * 64
+    m = seeded.mut("t1", {}, base=1)
+    m.fields["tags"].json_value = text
+    (result,) = seeded.apply(m).results
+    assert result.status == sync_pb2.MUTATION_STATUS_APPLIED and not result.warnings
+    rec = seeded.get("t1")
+    assert rec is not None and rec.fields["tags"].json_value == text
