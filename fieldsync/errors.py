@@ -7,6 +7,7 @@
     ├── NotFound                   NOT_FOUND
     ├── FailedPrecondition         FAILED_PRECONDITION: not in the state the call needs
     ├── Aborted                    ABORTED: lost a race; retrying may succeed
+    ├── ResourceExhausted          RESOURCE_EXHAUSTED: too much in flight; retry later
     └── Unavailable                UNAVAILABLE: stopping, or its database is down; retry
 
 Every error carries one `Reason` (a stable code, documented in docs/errors.md,
@@ -57,6 +58,7 @@ class Reason(StrEnum):
     MALFORMED_MESSAGE = "MALFORMED_MESSAGE"
     DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
     SERVICE_TOKEN_REQUIRED = "SERVICE_TOKEN_REQUIRED"
+    SERVER_BUSY = "SERVER_BUSY"
     INTERNAL = "INTERNAL"
 
 
@@ -105,6 +107,10 @@ class FailedPrecondition(FieldSyncError):
 
 class Aborted(FieldSyncError):
     code = grpc.StatusCode.ABORTED
+
+
+class ResourceExhausted(FieldSyncError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class Unavailable(FieldSyncError):

@@ -31,7 +31,14 @@ from grpc_status import rpc_status
 
 from fieldsync.auth import Principal, TokenVerifier, bearer_from_metadata, require_role
 from fieldsync.errors import FieldSyncError, internal_status
-from fieldsync.wire_guard import check_request, checked_requests, guard_deserializer, outage_error
+from fieldsync.wire_guard import (
+    CallReservation,
+    RequestBudget,
+    check_request,
+    checked_requests,
+    guard_deserializer,
+    outage_error,
+)
 
 __all__ = [
     "UNAUTHENTICATED_METHOD_PREFIXES",
@@ -65,9 +72,12 @@ def current_principal() -> Principal:
 
 @asynccontextmanager
 async def _statuses_for_errors(
-    context: grpc.aio.ServicerContext[Any, Any], method: str
+    context: grpc.aio.ServicerContext[Any, Any],
+    method: str,
+    reservation: CallReservation | None,
 ) -> AsyncIterator[None]:
-    """Abort the RPC with the status an exception raised in the block stands for."""
+    """Abort the RPC with the status an exception raised in the block stands for;
+    give the call's request bytes back to the budget when it ends."""
     try:
         yield
     except grpc.aio.AbortError:
@@ -83,13 +93,17 @@ async def _statuses_for_errors(
             await context.abort_with_status(rpc_status.to_status(outage.to_status()))
         log.exception("unexpected error in %s", method)
         await context.abort_with_status(rpc_status.to_status(internal_status()))
+    finally:
+        if reservation is not None:
+            reservation.release()
 
 
 class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, unused-ignore]
     """Authenticates calls and maps their errors; see the module docstring."""
 
-    def __init__(self, verifier: TokenVerifier) -> None:
+    def __init__(self, verifier: TokenVerifier, budget: RequestBudget | None = None) -> None:
         self._verifier = verifier
+        self.budget = budget  # bytes of requests in flight, in all (fieldsync.wire_guard)
 
     async def intercept_service(
         self,
@@ -114,14 +128,15 @@ class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, un
     def _wrap(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str, metadata: _Metadata | None
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        deserializer = guard_deserializer(handler.request_deserializer)
+        reservation = CallReservation(self.budget) if self.budget is not None else None
+        deserializer = guard_deserializer(handler.request_deserializer, reservation)
         serializer = handler.response_serializer
 
         if handler.unary_unary is not None:
             inner_uu: Callable[..., Any] = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                async with _statuses_for_errors(context, method):
+                async with _statuses_for_errors(context, method, reservation):
                     self._authenticate(metadata)
                     return await _result(inner_uu(check_request(request), context))
 
@@ -133,7 +148,7 @@ class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, un
             async def unary_stream(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                async with _statuses_for_errors(context, method):
+                async with _statuses_for_errors(context, method, reservation):
                     self._authenticate(metadata)
                     outcome = inner_us(check_request(request), context)
                     async with aclosing(_responses(outcome)) as responses:
@@ -148,7 +163,7 @@ class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, un
             async def stream_unary(
                 requests: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> Any:
-                async with _statuses_for_errors(context, method):
+                async with _statuses_for_errors(context, method, reservation):
                     self._authenticate(metadata)
                     return await _result(inner_su(checked_requests(requests), context))
 
@@ -160,7 +175,7 @@ class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, un
             async def stream_stream(
                 requests: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                async with _statuses_for_errors(context, method):
+                async with _statuses_for_errors(context, method, reservation):
                     self._authenticate(metadata)
                     outcome = inner_ss(checked_requests(requests), context)
                     async with aclosing(_responses(outcome)) as responses:

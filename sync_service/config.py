@@ -26,6 +26,11 @@ class SyncConfig:
     """FIELDSYNC_MAX_BATCH: most mutations in one batch; more is BATCH_TOO_LARGE."""
     max_message_bytes: int = 32 * 1024 * 1024
     """FIELDSYNC_MAX_MESSAGE_BYTES: largest gRPC message accepted or sent."""
+    max_inflight_request_bytes: int = 96 * 1024 * 1024
+    """FIELDSYNC_MAX_INFLIGHT_REQUEST_BYTES: request bytes the service holds at once, over
+    all calls (a Sync stream counts its last 8 messages); a message that would go over is
+    not decoded and its call is RESOURCE_EXHAUSTED / SERVER_BUSY. A decoded batch takes
+    about 4-8 times its wire size in memory. 0: no limit."""
     shutdown_grace_seconds: float = 10.0
     """FIELDSYNC_SHUTDOWN_GRACE: on SIGTERM, how long calls in flight may take to finish."""
     sqlite_synchronous: str = "FULL"
@@ -88,6 +93,9 @@ class SyncConfig:
             audit_addr=env.get("FIELDSYNC_AUDIT_ADDR", d.audit_addr),
             max_batch=number("FIELDSYNC_MAX_BATCH", d.max_batch),
             max_message_bytes=number("FIELDSYNC_MAX_MESSAGE_BYTES", d.max_message_bytes),
+            max_inflight_request_bytes=number(
+                "FIELDSYNC_MAX_INFLIGHT_REQUEST_BYTES", d.max_inflight_request_bytes
+            ),
             shutdown_grace_seconds=number(
                 "FIELDSYNC_SHUTDOWN_GRACE", d.shutdown_grace_seconds, float
             ),

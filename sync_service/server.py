@@ -22,6 +22,7 @@ from fieldsync.auth import DEFAULT_SERVICE_AUDIENCE, TokenVerifier
 from fieldsync.interceptors import FieldSyncInterceptor
 from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event, tune_gc
 from fieldsync.v1 import sync_pb2, sync_pb2_grpc
+from fieldsync.wire_guard import RequestBudget
 from sync_service.apply import Applier
 from sync_service.config import SyncConfig
 from sync_service.feed import ChangeNotifier
@@ -82,7 +83,8 @@ class SyncApp:
         ]
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [FieldSyncInterceptor(self.verifier)]
+        budget = RequestBudget(self.config.max_inflight_request_bytes)
+        return [FieldSyncInterceptor(self.verifier, budget)]
 
     def add_services(self, server: grpc.aio.Server) -> health.aio.HealthServicer:
         """Register the sync, health and reflection services, and start the audit relay.

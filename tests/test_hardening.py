@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -455,3 +456,47 @@ def test_a_json_value_within_the_depth_bound_is_kept(seeded: Client) -> None:
     assert result.status == sync_pb2.MUTATION_STATUS_APPLIED and not result.warnings
     rec = seeded.get("t1")
     assert rec is not None and rec.fields["tags"].json_value == text
+
+
+# -- point 6: memory bounds --------------------------------------------------------------
+
+
+def test_requests_over_the_memory_budget_are_refused_before_decoding(tmp_path: Path) -> None:
+    config = make_config(
+        f"sqlite:///{tmp_path / 'sync.db'}", max_inflight_request_bytes=1024 * 1024
+    )
+    with running_sync(config) as env:
+        holder, other = env.client(sub="holder"), env.client(sub="other")
+        big = "x" * 900_000
+        release = threading.Event()
+
+        def frames() -> Iterator[sync_pb2.SyncRequest]:
+            yield sync_pb2.SyncRequest(hello=sync_pb2.SyncHello(client_id=holder.client_id))
+            yield sync_pb2.SyncRequest(
+                batch=sync_pb2.MutationBatch(
+                    client_id=holder.client_id, mutations=[holder.mut("h1", {"title": big})]
+                )
+            )
+            release.wait(30)
+
+        stream = env.stub.Sync(frames(), metadata=holder.metadata)
+        try:
+            welcome, result = next(stream), next(stream)
+            assert welcome.WhichOneof("message") == "welcome"
+            assert result.result.results[0].status == sync_pb2.MUTATION_STATUS_APPLIED
+            # The stream still holds its 0.9 MB: a 0.5 MB batch is not even decoded.
+            m = other.mut("o1", {"title": "y" * 500_000})
+            with pytest.raises(grpc.RpcError) as err:
+                other.apply(m)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert rpc_reason(err.value) == "SERVER_BUSY"
+            assert other.get("o1") is None
+            # A small call fits beside it.
+            assert other.get("h1") is not None
+        finally:
+            release.set()
+            list(stream)
+        (applied,) = other.apply(m).results  # the budget is free again: the retry applies
+        assert applied.status == sync_pb2.MUTATION_STATUS_APPLIED
+        (nothing_lost,) = other.apply(m).results
+        assert nothing_lost.status == sync_pb2.MUTATION_STATUS_DUPLICATE
