@@ -15,12 +15,20 @@ import logging
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from fieldsync.auth import TokenVerifier
 from fieldsync.interceptors import FieldSyncInterceptor
-from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event, tune_gc
+from fieldsync.serving import (
+    NOT_SERVING,
+    SERVING,
+    add_health,
+    enable_reflection,
+    listen,
+    set_health,
+    stop_event,
+    tune_gc,
+)
 from fieldsync.v1 import sync_pb2, sync_pb2_grpc
 from sync_service.apply import Applier
 from sync_service.config import SyncConfig
@@ -92,11 +100,8 @@ class SyncApp:
                 self.storage.url, asyncio.get_running_loop(), self.notifier.notify
             )
             self.feed_listener.start()
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        health_servicer = add_health(server)
+        enable_reflection(server, [SERVICE_NAME])
         if self.config.relay_enabled:
             self.relay_task = asyncio.get_running_loop().create_task(
                 self._run_relay(health_servicer), name="audit-relay"
