@@ -62,7 +62,8 @@ proto-lint:
 	bash scripts/buf_lint.sh
 
 # The benchmark (bench/README.md): real services on throwaway databases, a table on
-# stdout and bench/results/latest.json. BENCH_QUICK=1 checks the harness in ~2 minutes.
+# stdout and bench/results/latest.json. BENCH_QUICK=1 checks the harness: ~35 s on a quiet
+# machine, over 2 minutes when the cores are shared.
 .PHONY: bench
 bench: install
 	$(PY) bench/run.py

@@ -62,8 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_query(args, config)
     from audit_service.server import serve
+    from fieldsync.db import SchemaTooNew
 
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except SchemaTooNew as err:
+        print(f"fieldsync-audit: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -46,9 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"fieldsync-sync: configuration error: {err}", file=sys.stderr)
         return 2
+    from fieldsync.db import SchemaTooNew
     from sync_service.server import serve
 
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except SchemaTooNew as err:
+        print(f"fieldsync-sync: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
