@@ -3,16 +3,18 @@ dataclasses, and those dataclasses document every variable their code reads."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import audit_service.config
 import fieldsync.auth
 import sync_service.config
 from audit_service.config import AuditConfig
-from fieldsync.config_doc import help_epilog, settings_of, show_default
+from fieldsync.config_doc import Setting, help_epilog, settings_of, show_default
 from sync_service.config import SyncConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +35,25 @@ def test_the_configuration_reference_is_up_to_date() -> None:
     assert done.stdout == ""
 
 
+def type_of(setting: Setting) -> type:
+    """The dataclass that declares a nested setting (auth.secret -> AuthConfig)."""
+    for cls in (SyncConfig, AuditConfig):
+        for name, nested in _nested_classes(cls):
+            if setting.field.startswith(f"{name}.") and nested.__name__ == setting.owner:
+                return nested
+    raise AssertionError(setting)
+
+
+def _nested_classes(cls: type) -> list[tuple[str, type]]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        for arg in (hints[f.name], *typing.get_args(hints[f.name])):
+            if isinstance(arg, type) and dataclasses.is_dataclass(arg):
+                out.append((f.name, arg))
+    return out
+
+
 def test_every_variable_the_configuration_code_reads_is_documented_with_its_default() -> None:
     documented = {
         s.variable
@@ -40,7 +61,16 @@ def test_every_variable_the_configuration_code_reads_is_documented_with_its_defa
         for s in settings_of(cls)
         if s.variable is not None
     }
-    for module in (sync_service.config, audit_service.config, fieldsync.auth):
+    # The modules of the service configs and of every dataclass nested in them (an
+    # added TLS or limits class in a module of its own is scanned too).
+    modules = {sync_service.config, audit_service.config, fieldsync.auth}
+    modules |= {
+        sys.modules[type_of(s).__module__]
+        for cls in (SyncConfig, AuditConfig)
+        for s in settings_of(cls)
+        if "." in s.field
+    }
+    for module in modules:
         source = Path(module.__file__ or "").read_text(encoding="utf-8")
         read = {n for n in _NAME.findall(source) if not n.endswith("_")}  # not FIELDSYNC_JWT_*
         # A field whose docstring does not start with `FIELDSYNC_NAME:` is missing here.
