@@ -4,8 +4,11 @@
 kept whole (one JSON object a line: key, tenant_id, reasons, the event).
 
 `prune` deletes events older than a number of days (the flag, else
-FIELDSYNC_AUDIT_RETENTION_DAYS) straight in the database and says how many it
-deleted: retention is never silent, and never runs unless asked. `query` is a
+FIELDSYNC_AUDIT_RETENTION_DAYS) straight in the database FIELDSYNC_AUDIT_DB
+names, and says which database and how many it deleted: retention is never
+silent, and never runs unless asked. It never creates a database: a SQLite
+file that is not there is an error (a wrong FIELDSYNC_AUDIT_DB would
+otherwise "prune 0" from a new, empty one). `query` is a
 client of a running service: it pages through QueryEvents with the token in
 FIELDSYNC_TOKEN and prints one JSON object a line.
 """
@@ -25,8 +28,9 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
+from sqlalchemy.engine import make_url
 
-from audit_service.config import ENV_RETENTION_DAYS, AuditConfig
+from audit_service.config import ENV_DB, ENV_RETENTION_DAYS, AuditConfig
 from audit_service.storage import SqlAuditStorage
 from fieldsync.audit_kinds import EventKind
 from fieldsync.errors import reason_of
@@ -46,8 +50,10 @@ def add_commands(sub: Any) -> None:
         "prune",
         help="delete events older than N days and print how many",
         description=(
-            "Delete the audit events that occurred more than N days ago, and print how many "
-            f"were deleted. N is --older-than-days, else ${ENV_RETENTION_DAYS}."
+            "Delete the audit events that occurred more than N days ago from the database "
+            f"${ENV_DB} names (default {AuditConfig.db_url}; `make run` keeps its "
+            "database in .run/audit.db), and print which database and how many were deleted. "
+            f"N is --older-than-days, else ${ENV_RETENTION_DAYS}."
         ),
     )
     prune.add_argument("--older-than-days", type=int, metavar="N", help="the age limit, in days")
@@ -93,6 +99,15 @@ def run_prune(args: argparse.Namespace, config: AuditConfig, out: TextIO | None 
     if days < 1:
         print("fieldsync-audit prune: --older-than-days must be at least 1", file=sys.stderr)
         return 2
+    url = make_url(config.db_url)
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and not _sqlite_file_exists(url.database):
+        print(
+            f"fieldsync-audit prune: no audit database at {shown}: set ${ENV_DB} to the "
+            "service's database (make run: sqlite:///.run/audit.db)",
+            file=sys.stderr,
+        )
+        return 1
     cutoff = time.time_ns() - days * NANOS_PER_DAY
     storage = SqlAuditStorage(config.db_url, sqlite_synchronous=config.sqlite_synchronous)
     try:
@@ -102,7 +117,7 @@ def run_prune(args: argparse.Namespace, config: AuditConfig, out: TextIO | None 
         storage.close()
     print(
         f"pruned {deleted} audit events that occurred before {Timestamp(cutoff).isoformat()}"
-        f" (older than {days} day{'' if days == 1 else 's'})",
+        f" (older than {days} day{'' if days == 1 else 's'}) from {shown}",
         file=out or sys.stdout,
     )
     return 0
@@ -126,6 +141,14 @@ def run_dead_letters(
         line = {"key": d.key, "tenant_id": d.tenant_id, "reasons": d.reasons, "event": event}
         print(json.dumps(line, ensure_ascii=False), file=out or sys.stdout)
     return 0
+
+
+def _sqlite_file_exists(database: str | None) -> bool:
+    # An in-memory database (no name, or ":memory:") holds nothing to prune either.
+    if not database or database == ":memory:" or database.startswith("file::memory:"):
+        return False
+    path = database.removeprefix("file:").split("?", 1)[0]
+    return os.path.isfile(path)
 
 
 def _kind(text: str) -> EventKind:

@@ -47,8 +47,8 @@ class AuditConfig:
     """FIELDSYNC_AUDIT_TAIL_POLL: how often TailEvents looks for events recorded by other
     instances (events recorded by this process wake it at once)."""
     limits: ServerLimits = field(default_factory=ServerLimits)
-    """Connection limits: FIELDSYNC_MAX_CONCURRENT_STREAMS, keepalive enforcement,
-    FIELDSYNC_MAX_CONNECTION_IDLE/AGE_SECONDS (fieldsync.serving.ServerLimits)."""
+    """The gRPC connection limits (fieldsync.serving.ServerLimits): concurrent streams a
+    connection, keepalive and its enforcement, connection idle time and age."""
     auth: AuthConfig | None = None
     """Token verification (FIELDSYNC_JWT_*, FIELDSYNC_JWKS_FILE); required to serve."""
 

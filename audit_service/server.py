@@ -13,8 +13,7 @@ import logging
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
 from audit_service.config import AuditConfig
 from audit_service.servicer import AuditServicer
@@ -22,7 +21,16 @@ from audit_service.storage import SqlAuditStorage
 from audit_service.tail import CommitSignal
 from fieldsync.auth import TokenVerifier
 from fieldsync.interceptors import FieldSyncInterceptor
-from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event, tune_gc
+from fieldsync.serving import (
+    NOT_SERVING,
+    SERVING,
+    add_health,
+    enable_reflection,
+    listen,
+    set_health,
+    stop_event,
+    tune_gc,
+)
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 
 __all__ = ["SERVICE_NAME", "AuditApp", "serve"]
@@ -75,11 +83,8 @@ class AuditApp:
             self.storage, self.signal, tail_poll_seconds=self.config.tail_poll_seconds
         )
         audit_pb2_grpc.add_AuditServiceServicer_to_server(servicer, server)
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        health_servicer = add_health(server)
+        enable_reflection(server, [SERVICE_NAME])
         return health_servicer
 
     def begin_shutdown(self) -> None:

@@ -38,7 +38,7 @@ from audit_service.model import (
     RecordOutcome,
     StoredEvent,
 )
-from audit_service.tables import audit_events, dead_letters
+from audit_service.tables import VERSION_TABLE, audit_events, dead_letters
 from fieldsync.audit_kinds import EventKind
 from fieldsync.db import chunks, normalize_url, open_engines, upgrade_schema
 from fieldsync.jsontext import dumps
@@ -108,7 +108,7 @@ class SqlAuditStorage:
         table, and a crash mid-migration leaves nothing half-built.
         """
         with self._write_transaction() as conn:
-            upgrade_schema(conn, MIGRATIONS)
+            upgrade_schema(conn, MIGRATIONS, version_table=VERSION_TABLE)
 
     def close(self) -> None:
         self._write.dispose()

@@ -1,12 +1,14 @@
 """`make run`: start the sync and audit services on SQLite with a development key.
 
-Runs both services as child processes with their databases in .run/, waits
-until each answers its health check, prints how to reach them and mint a
-token, and stops both (SIGTERM, then their grace period) on Ctrl-C.
+Runs both services as child processes with their databases in .run/ (or
+--run-dir), waits until each answers its health check, prints how to reach
+them and mint a token, and stops both (SIGTERM, then their grace period) on
+Ctrl-C. FIELDSYNC_* settings in the environment win over these defaults.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -18,7 +20,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = ROOT / ".run"
 
 
 def _wait_healthy(name: str, addr: str, proc: subprocess.Popen[bytes], seconds: float) -> None:
@@ -38,13 +39,16 @@ def _wait_healthy(name: str, addr: str, proc: subprocess.Popen[bytes], seconds: 
     raise SystemExit(f"{name} did not become healthy on {addr} within {seconds:.0f}s")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default=str(ROOT / ".run"), help="databases go here")
+    run = Path(parser.parse_args(argv).run_dir).resolve()
     if not os.environ.get("FIELDSYNC_JWT_SECRET"):
         raise SystemExit("FIELDSYNC_JWT_SECRET is not set (make run sets it from .run/jwt-secret)")
-    RUN.mkdir(exist_ok=True)
+    run.mkdir(mode=0o700, exist_ok=True)
     env = dict(os.environ)
-    env.setdefault("FIELDSYNC_SYNC_DB", f"sqlite:///{RUN / 'sync.db'}")
-    env.setdefault("FIELDSYNC_AUDIT_DB", f"sqlite:///{RUN / 'audit.db'}")
+    env.setdefault("FIELDSYNC_SYNC_DB", f"sqlite:///{run / 'sync.db'}")
+    env.setdefault("FIELDSYNC_AUDIT_DB", f"sqlite:///{run / 'audit.db'}")
     sync_addr = env.setdefault("FIELDSYNC_SYNC_ADDR", "127.0.0.1:50051")
     audit_addr = env.setdefault("FIELDSYNC_AUDIT_ADDR", "127.0.0.1:50052")
     py = sys.executable
@@ -58,13 +62,16 @@ def main() -> int:
         bin_dir = Path(py).parent
         print(
             f"""
-FieldSync is running (databases in {RUN}):
-  sync service   {sync_addr}
-  audit service  {audit_addr}
+FieldSync is running (databases in {run}):
+  sync service   {sync_addr}  {env["FIELDSYNC_SYNC_DB"]}
+  audit service  {audit_addr}  {env["FIELDSYNC_AUDIT_DB"]}
 
 Mint a development token (signed with the key in .run/jwt-secret):
   export FIELDSYNC_JWT_SECRET=$(cat .run/jwt-secret)
   {bin_dir}/fieldsync-token --tenant acme --sub alice --role member
+
+Commands that open a database themselves need its URL, e.g.
+  FIELDSYNC_AUDIT_DB={env["FIELDSYNC_AUDIT_DB"]} {bin_dir}/fieldsync-audit prune ...
 
 Press Ctrl-C to stop both services.
 """,

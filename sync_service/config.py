@@ -9,7 +9,7 @@ from typing import Any
 
 from fieldsync.auth import AuthConfig
 from fieldsync.serving import ServerLimits
-from sync_service.schema import DEFAULT_SCHEMA_PATH
+from sync_service.schema_file import DEFAULT_SCHEMA_PATH
 
 
 @dataclass(frozen=True)
@@ -52,26 +52,57 @@ class SyncConfig:
     """FIELDSYNC_AUDIT_RELAY_MAX_BACKOFF: longest wait between delivery attempts
     while the audit service is down."""
     relay_enabled: bool = True
-    """FIELDSYNC_AUDIT_RELAY: 0 turns off delivery of audit events (they stay in the outbox)."""
+    """FIELDSYNC_AUDIT_RELAY: 0 turns off delivery of audit events (they stay in the outbox,
+    written as always, until a sync service with delivery on sends them)."""
     service_token_file: str | None = None
     """FIELDSYNC_SERVICE_TOKEN_FILE: the token for the audit service when there is no
-    FIELDSYNC_JWT_SECRET to mint one (re-read when the file changes)."""
+    FIELDSYNC_JWT_SECRET to mint one (re-read when the file changes). Required, with
+    FIELDSYNC_JWT_PUBLIC_KEY or FIELDSYNC_JWKS_FILE, unless FIELDSYNC_AUDIT_RELAY=0. Its claims:
+    `roles` holding `fieldsync:service`, a non-empty `sub` and `tenant_id` (any: each event
+    carries its own tenant), `aud` the service audience
+    (FIELDSYNC_SERVICE_AUDIENCE, default fieldsync-service), `iss` when the audit service
+    checks it, and a whole-number `exp` within FIELDSYNC_JWT_MAX_LIFETIME_SECONDS."""
     jwt_secret: str | None = None
-    """FIELDSYNC_JWT_SECRET, kept to mint the audit service token."""
+    """FIELDSYNC_JWT_SECRET: also mints the sync service's own token for the audit service
+    (re-minted before it expires), so no FIELDSYNC_SERVICE_TOKEN_FILE is needed with it."""
     allow_schema_downgrade: bool = False
     """FIELDSYNC_SCHEMA_ALLOW_DOWNGRADE: 1 starts the service with a schema version lower
     than the highest one the database was served with (refused by default: an old
     schema file deployed by mistake would drop or coerce newer clients' fields)."""
     limits: ServerLimits = field(default_factory=ServerLimits)
-    """Connection limits: FIELDSYNC_MAX_CONCURRENT_STREAMS, keepalive enforcement,
-    FIELDSYNC_MAX_CONNECTION_IDLE/AGE_SECONDS (fieldsync.serving.ServerLimits)."""
+    """The gRPC connection limits (fieldsync.serving.ServerLimits): concurrent streams a
+    connection, keepalive and its enforcement, connection idle time and age."""
     auth: AuthConfig | None = None
     """Token verification (FIELDSYNC_JWT_*, FIELDSYNC_JWKS_FILE)."""
+
+    def __post_init__(self) -> None:
+        # Without a token the relay used to fail in its own task, after the service said
+        # SERVING, and the events stayed in the outbox with nothing said until SIGTERM.
+        if self.relay_enabled and not self.jwt_secret and not self.service_token_file:
+            raise ValueError(
+                "the audit relay needs a token for the audit service: set "
+                "FIELDSYNC_SERVICE_TOKEN_FILE (a token with the role fieldsync:service; "
+                "docs/configuration.md says which claims), or FIELDSYNC_JWT_SECRET to mint one, "
+                "or FIELDSYNC_AUDIT_RELAY=0 to keep the audit events in the outbox undelivered"
+            )
+        if self.relay_enabled and self.service_token_file and not self.jwt_secret:
+            try:
+                with open(self.service_token_file, encoding="utf-8") as f:
+                    readable = bool(f.read().strip())
+            except OSError as err:
+                raise ValueError(
+                    f"FIELDSYNC_SERVICE_TOKEN_FILE: cannot read {self.service_token_file}: "
+                    f"{err.strerror}"
+                ) from None
+            if not readable:
+                raise ValueError(
+                    f"FIELDSYNC_SERVICE_TOKEN_FILE: {self.service_token_file} is empty"
+                )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> SyncConfig:
         """The configuration the environment gives; ValueError naming the first bad setting."""
-        d = cls()
+        d = cls  # the defaults (a default instance would fail the relay check)
 
         def number(name: str, default: float, kind: type[float] | type[int] = int) -> Any:
             text = env.get(name)

@@ -3,7 +3,8 @@
 A cursor is an opaque token around a feed position (records.feed_seq).
 `ChangeNotifier` wakes the Subscribe streams of this process when a batch
 commits, those of the committing tenants only; changes committed by other
-processes are found by polling (on PostgreSQL, LISTEN/NOTIFY wakes them too).
+processes are found by polling, or heard at once on PostgreSQL
+(storage/postgres.FeedListener, with the committing tenant).
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from sqlalchemy import create_engine, inspect
+from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 import audit_service.commands
@@ -910,7 +911,10 @@ def test_prune_command_deletes_older_events_and_says_how_many(
     )
     clean_env.setenv("FIELDSYNC_AUDIT_DB", storage_url)
     assert audit_main(["prune", "--older-than-days", "30"]) == 0
-    assert "pruned 2 audit events" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "pruned 2 audit events" in said
+    # It names the database it touched (a PostgreSQL password is never shown).
+    assert said.rstrip().endswith(f"from {make_url(storage_url).render_as_string()}")
     left = storage.query(EventFilter(ACME), after_seq=0, limit=10).events
     assert [s.event.event_id for s in left] == ["recent", "today"]
 
@@ -923,6 +927,20 @@ def test_prune_command_deletes_older_events_and_says_how_many(
     assert [
         s.event.event_id for s in storage.query(EventFilter(ACME), after_seq=0, limit=10).events
     ] == ["today"]
+
+
+def test_prune_command_never_creates_a_database(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A wrong FIELDSYNC_AUDIT_DB (or none: ./fieldsync-audit.db) used to create and migrate
+    # an empty database and say "pruned 0": now it says which database is missing.
+    missing = tmp_path / "nowhere" / "audit.db"
+    clean_env.setenv("FIELDSYNC_AUDIT_DB", f"sqlite:///{missing}")
+    assert audit_main(["prune", "--older-than-days", "30"]) == 1
+    err = capsys.readouterr().err
+    assert f"no audit database at sqlite:///{missing}" in err
+    assert "FIELDSYNC_AUDIT_DB" in err
+    assert not missing.parent.exists()
 
 
 def test_prune_command_needs_an_age(

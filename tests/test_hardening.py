@@ -32,7 +32,7 @@ from fieldsync.errors import reason_of
 from fieldsync.serving import ServerLimits
 from fieldsync.v1 import sync_pb2, sync_pb2_grpc
 from sync_service.config import SyncConfig
-from sync_service.schema import DEFAULT_SCHEMA_PATH, load_schema
+from sync_service.schema_file import DEFAULT_SCHEMA_PATH, load_schema
 from sync_service.server import SyncApp
 from sync_service.storage.sql import SchemaDowngrade
 from tests.conftest import make_config, running_sync

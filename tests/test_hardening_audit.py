@@ -29,9 +29,9 @@ from fieldsync.auth import DEFAULT_SERVICE_AUDIENCE, mint_token
 from fieldsync.errors import reason_of
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 from fieldsync.values import from_proto
-from sync_service.events import make_event
 from sync_service.storage.sql import SqlStorage
 from sync_service.storage.tables import outbox
+from sync_service.writes.audit_events import make_event
 from tests.conftest import make_config, running_sync
 from tests.pg import fresh_pg_database, pg_server_url
 from tests.proc import free_port, start_audit_service
