@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from fieldsync.auth import AuthConfig
 from fieldsync.logs import LOG_FORMATS
+from fieldsync.serving import ServerLimits
 from fieldsync.tls import ServerTLS
 
 _T = TypeVar("_T")
@@ -47,6 +48,9 @@ class AuditConfig:
     tail_poll_seconds: float = 1.0
     """FIELDSYNC_AUDIT_TAIL_POLL: how often TailEvents looks for events recorded by other
     instances (events recorded by this process wake it at once)."""
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    """The gRPC connection limits (fieldsync.serving.ServerLimits): concurrent streams a
+    connection, keepalive and its enforcement, connection idle time and age."""
     auth: AuthConfig | None = None
     """Token verification (FIELDSYNC_JWT_*, FIELDSYNC_JWKS_FILE); required to serve."""
     tls_cert: str | None = None
@@ -66,8 +70,8 @@ class AuditConfig:
     log_calls: bool = False
     """FIELDSYNC_LOG_CALLS: 1 logs a line at INFO for every finished call."""
     tracing: bool = False
-    """Set when OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is:
-    spans of every call are exported over OTLP (the other OTEL_* variables apply)."""
+    """OTEL_EXPORTER_OTLP_ENDPOINT: when set (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), spans
+    of every call are exported over OTLP/gRPC there (the other OTEL_* variables apply)."""
 
     def __post_init__(self) -> None:
         if self.retention_days is not None and self.retention_days < 1:
@@ -111,6 +115,7 @@ class AuditConfig:
             ).upper(),
             db_pool_size=_get(env, "FIELDSYNC_DB_POOL_SIZE", int, d.db_pool_size),
             tail_poll_seconds=_get(env, "FIELDSYNC_AUDIT_TAIL_POLL", float, d.tail_poll_seconds),
+            limits=ServerLimits.from_env(env),
             auth=AuthConfig.from_env(env) if require_auth else None,
             tls_cert=env.get("FIELDSYNC_TLS_CERT") or None,
             tls_key=env.get("FIELDSYNC_TLS_KEY") or None,

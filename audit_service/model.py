@@ -95,6 +95,21 @@ class RecordOutcome:
 
 
 @dataclass(frozen=True)
+class DeadLetter:
+    """An event the audit service could not store as one, kept whole instead.
+
+    `key` is its event_id when that is a valid id, else a digest of its bytes,
+    so a resend of the same refused event is stored once. `event` is the wire
+    AuditEvent's serialized bytes; `reasons` the field violations.
+    """
+
+    key: str
+    tenant_id: str
+    event: bytes
+    reasons: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
 class EventPage:
     """One page of a query; `more` says whether events follow the last one."""
 

@@ -1,9 +1,10 @@
 """`make run`: start the sync and audit services on SQLite with a development key.
 
-Runs both services as child processes with their databases in .run/, waits
-until each answers its health check, prints how to reach them and mint a
-token, and stops both (SIGTERM, then their grace period) on Ctrl-C. Metrics
-are served on 127.0.0.1:9464 (sync) and 127.0.0.1:9465 (audit).
+Runs both services as child processes with their databases in .run/ (or
+--run-dir), waits until each answers its health check, prints how to reach
+them and mint a token, and stops both (SIGTERM, then their grace period) on
+Ctrl-C. FIELDSYNC_* settings in the environment win over these defaults.
+Metrics are served on 127.0.0.1:9464 (sync) and 127.0.0.1:9465 (audit).
 
 With `--tls` (`make run-tls`) a development CA and certificates are made in
 .run/tls/ (fieldsync.devcerts): both services serve TLS, the audit service
@@ -12,6 +13,7 @@ requires a client certificate (mutual TLS) and the sync service presents one.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -23,7 +25,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = ROOT / ".run"
 
 
 def _wait_healthy(
@@ -54,25 +55,30 @@ def _wait_healthy(
     raise SystemExit(f"{name} did not become healthy on {addr} within {seconds:.0f}s")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default=str(ROOT / ".run"), help="databases go here")
+    parser.add_argument("--tls", action="store_true", help="TLS with a development CA")
+    args = parser.parse_args(argv)
+    run = Path(args.run_dir).resolve()
     if not os.environ.get("FIELDSYNC_JWT_SECRET"):
         raise SystemExit("FIELDSYNC_JWT_SECRET is not set (make run sets it from .run/jwt-secret)")
-    RUN.mkdir(exist_ok=True)
+    run.mkdir(mode=0o700, exist_ok=True)
     env = dict(os.environ)
-    env.setdefault("FIELDSYNC_SYNC_DB", f"sqlite:///{RUN / 'sync.db'}")
-    env.setdefault("FIELDSYNC_AUDIT_DB", f"sqlite:///{RUN / 'audit.db'}")
+    env.setdefault("FIELDSYNC_SYNC_DB", f"sqlite:///{run / 'sync.db'}")
+    env.setdefault("FIELDSYNC_AUDIT_DB", f"sqlite:///{run / 'audit.db'}")
     sync_addr = env.setdefault("FIELDSYNC_SYNC_ADDR", "127.0.0.1:50051")
     audit_addr = env.setdefault("FIELDSYNC_AUDIT_ADDR", "127.0.0.1:50052")
     sync_metrics = env.setdefault("FIELDSYNC_SYNC_METRICS_ADDR", "127.0.0.1:9464")
     audit_metrics = env.setdefault("FIELDSYNC_AUDIT_METRICS_ADDR", "127.0.0.1:9465")
-    tls = "--tls" in sys.argv[1:]
+    tls = bool(args.tls)
     audit_env = dict(env)
     creds: dict[str, grpc.ChannelCredentials | None] = {"sync": None, "audit": None}
     connect = ""
     if tls:
         from fieldsync.devcerts import make_dev_pki
 
-        pki = make_dev_pki(RUN / "tls")
+        pki = make_dev_pki(run / "tls")
         serve_tls = {
             "FIELDSYNC_TLS_CERT": str(pki["server_cert"]),
             "FIELDSYNC_TLS_KEY": str(pki["server_key"]),
@@ -90,7 +96,7 @@ def main() -> int:
             ca, pki["client_key"].read_bytes(), pki["client_cert"].read_bytes()
         )
         connect = f"""
-TLS (development CA and certificates in {RUN / "tls"}); connect with the CA:
+TLS (development CA and certificates in {run / "tls"}); connect with the CA:
   {Path(sys.executable).parent}/fieldsync-client --tls-ca {pki["ca"]} --token $TOKEN sync
   FieldSyncClient(..., credentials=tls_credentials("{pki["ca"]}"))
 The audit service requires a client certificate: {pki["client_cert"]} / client.key
@@ -114,13 +120,18 @@ The audit service requires a client certificate: {pki["client_cert"]} / client.k
         bin_dir = Path(py).parent
         print(
             f"""
-FieldSync is running (databases in {RUN}):
-  sync service   {sync_addr}   metrics http://{sync_metrics}/metrics
-  audit service  {audit_addr}   metrics http://{audit_metrics}/metrics
+FieldSync is running (databases in {run}):
+  sync service   {sync_addr}  {env["FIELDSYNC_SYNC_DB"]}
+                 metrics http://{sync_metrics}/metrics
+  audit service  {audit_addr}  {env["FIELDSYNC_AUDIT_DB"]}
+                 metrics http://{audit_metrics}/metrics
 {connect}
 Mint a development token (signed with the key in .run/jwt-secret):
   export FIELDSYNC_JWT_SECRET=$(cat .run/jwt-secret)
   {bin_dir}/fieldsync-token --tenant acme --sub alice --role member
+
+Commands that open a database themselves need its URL, e.g.
+  FIELDSYNC_AUDIT_DB={env["FIELDSYNC_AUDIT_DB"]} {bin_dir}/fieldsync-audit prune ...
 
 Press Ctrl-C to stop both services.
 """,

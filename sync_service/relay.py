@@ -9,6 +9,14 @@ twice (a lost acknowledgement, two relays) is harmless. While the audit
 service is down or slow the relay backs off (exponential, with jitter) and
 syncs never wait for it. The backlog (depth, oldest event's age) is logged
 and reflected in the health status of `fieldsync.audit_relay`.
+
+An event the audit service refuses is never parked silently: the audit
+service keeps it as a dead letter and says so (`dead_lettered`), and the
+relay forgets it then, counting it (`RelayStats.dead_lettered`, an ERROR log
+line). Only an audit service that does not keep dead letters (an older one)
+leaves refused events in the outbox; after `max_attempts` refusals they are
+no longer sent, counted as `parked`, logged at every backlog report, and
+`fieldsync.audit_relay` answers NOT_SERVING while any is parked.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from fieldsync.auth import mint_token
+from fieldsync.auth import DEFAULT_SERVICE_AUDIENCE, SERVICE_ROLE, mint_token
 from fieldsync.tls import ClientTLS, TLSError
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 from fieldsync.values import decode, to_proto
@@ -38,7 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fieldsync.relay")
 
-SERVICE_ROLE = "fieldsync:service"
 HEALTH_NAME = "fieldsync.audit_relay"
 
 
@@ -55,7 +62,7 @@ class ServiceToken:
         *,
         secret: str | None,
         token_file: str | None,
-        audience: str = "fieldsync",
+        audience: str = DEFAULT_SERVICE_AUDIENCE,
         issuer: str | None = None,
     ) -> None:
         if not secret and not token_file:
@@ -120,6 +127,8 @@ class RelayStats:
     delivered: int = 0
     duplicates: int = 0
     failures: int = 0
+    dead_lettered: int = 0
+    parked: int = 0
     depth: int = 0
     oldest_age_seconds: float = 0.0
 
@@ -162,10 +171,13 @@ class AuditRelay:
             # What the audit service answered over this relay's life: "duplicates"
             # are events it already had (a resend after a lost acknowledgement).
             log.info(
-                "audit relay stopped: delivered %d, duplicates %d, failures %d",
+                "audit relay stopped: delivered %d, duplicates %d, failures %d,"
+                " dead-lettered %d, parked %d",
                 self.stats.delivered,
                 self.stats.duplicates,
                 self.stats.failures,
+                self.stats.dead_lettered,
+                self.stats.parked,
             )
 
     def _channel(self) -> grpc.aio.Channel:
@@ -253,10 +265,19 @@ class AuditRelay:
                 raise
             # The audit service stored the valid events and named the bad ones: count
             # a refusal for those so they cannot block the queue, retry the rest.
-            bad = _refused_indexes(err)
+            bad, kept = _refusal(err)
             bad_ids = [events[i].event_id for i in bad if i < len(events)]
-            log.error("audit service refused %d events: %s", len(bad_ids), err.details())
-            await asyncio.to_thread(self._storage.outbox_refused, bad_ids)
+            if kept:
+                log.error(
+                    "audit service refused %d events and kept them as dead letters: %s",
+                    len(bad_ids),
+                    err.details(),
+                )
+                self.stats.dead_lettered += len(bad_ids)
+                await asyncio.to_thread(self._storage.outbox_delivered, bad_ids)
+            else:
+                log.error("audit service refused %d events: %s", len(bad_ids), err.details())
+                await asyncio.to_thread(self._storage.outbox_refused, bad_ids)
             return len(events)
         await asyncio.to_thread(self._storage.outbox_delivered, [e.event_id for e in events])
         self.stats.delivered += resp.recorded
@@ -264,6 +285,7 @@ class AuditRelay:
         return len(events)
 
     async def _set_health(self, ok: bool) -> None:
+        ok = ok and not self.stats.parked
         if ok != self._healthy:
             self._healthy = ok
             if self._on_health is not None:
@@ -271,6 +293,15 @@ class AuditRelay:
 
     async def _report_backlog(self) -> None:
         depth, oldest = await asyncio.to_thread(self._storage.outbox_depth)
+        self.stats.parked = await asyncio.to_thread(self._storage.outbox_parked, self._max_attempts)
+        if self.stats.parked:
+            log.error(
+                "%d audit events parked in the outbox: the audit service refused each %d"
+                " times and keeps no dead letters; they are not delivered",
+                self.stats.parked,
+                self._max_attempts,
+            )
+            await self._set_health(False)
         self.stats.depth = depth
         self.stats.oldest_age_seconds = (time.time_ns() - oldest) / 1e9 if oldest else 0.0
         if depth:
@@ -283,12 +314,18 @@ class AuditRelay:
             )
 
 
-def _refused_indexes(err: grpc.aio.AioRpcError) -> Sequence[int]:
+def _refusal(err: grpc.aio.AioRpcError) -> tuple[Sequence[int], bool]:
+    """The indexes of the refused events, and whether the audit service kept them."""
     status = rpc_status.from_call(err)
     out: list[int] = []
+    kept = False
     if status is None:
-        return out
+        return out, kept
     for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            kept = "dead_lettered" in info.metadata
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
@@ -298,4 +335,4 @@ def _refused_indexes(err: grpc.aio.AioRpcError) -> Sequence[int]:
                 if head.startswith("events["):
                     with contextlib.suppress(ValueError):
                         out.append(int(head[len("events[") :]))
-    return sorted(set(out))
+    return sorted(set(out)), kept

@@ -15,15 +15,24 @@ import logging
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
-from fieldsync.auth import TokenVerifier
+from fieldsync.auth import DEFAULT_SERVICE_AUDIENCE, TokenVerifier
 from fieldsync.interceptors import FieldSyncInterceptor
 from fieldsync.metrics import SyncMetrics
 from fieldsync.operations import Operations
-from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event, tune_gc
+from fieldsync.serving import (
+    NOT_SERVING,
+    SERVING,
+    add_health,
+    enable_reflection,
+    listen,
+    set_health,
+    stop_event,
+    tune_gc,
+)
 from fieldsync.v1 import sync_pb2, sync_pb2_grpc
+from fieldsync.wire_guard import RequestBudget
 from sync_service.api.observe import request_hook
 from sync_service.api.servicer import SyncServicer
 from sync_service.config import SyncConfig
@@ -65,17 +74,31 @@ class SyncApp:
             pool_size=config.db_pool_size,
             record_cache=config.record_cache,
         )
-        storage.migrate()
+        try:
+            storage.migrate()
+            previous = storage.serve_schema(
+                schema.version, allow_downgrade=config.allow_schema_downgrade
+            )
+        except BaseException:
+            storage.close()
+            raise
+        if previous is not None and schema.version < previous:
+            log.warning("serving schema version %d below %d (forced)", schema.version, previous)
         applier = Applier(storage, schema, max_batch=config.max_batch)
         return cls(config, storage, applier, TokenVerifier(config.auth))
 
     def server_options(self) -> list[tuple[str, int]]:
         n = self.config.max_message_bytes
-        return [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
+        return [
+            ("grpc.max_receive_message_length", n),
+            ("grpc.max_send_message_length", n),
+            *self.config.limits.options(),
+        ]
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         ops = self.ops.interceptors(request_hook(self.ops.metrics)) if self.ops else []
-        return [*ops, FieldSyncInterceptor(self.verifier)]
+        budget = RequestBudget(self.config.max_inflight_request_bytes)
+        return [*ops, FieldSyncInterceptor(self.verifier, budget)]
 
     def add_services(self, server: grpc.aio.Server) -> health.aio.HealthServicer:
         """Register the sync, health and reflection services, and start the audit relay.
@@ -98,11 +121,8 @@ class SyncApp:
         )
         if self.feed_listener is not None:
             self.feed_listener.start()
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        health_servicer = add_health(server)
+        enable_reflection(server, [SERVICE_NAME])
         if self.config.relay_enabled:
             self.relay_task = asyncio.get_running_loop().create_task(
                 self._run_relay(health_servicer), name="audit-relay"
@@ -110,11 +130,19 @@ class SyncApp:
         return health_servicer
 
     async def _run_relay(self, health_servicer: health.aio.HealthServicer) -> None:
+        try:
+            await self._relay(health_servicer)
+        except Exception:
+            # Said now, in the log and the relay's health, not as a traceback at SIGTERM.
+            log.exception("the audit relay stopped: audit events stay in the outbox")
+            await health_servicer.set(RELAY_HEALTH_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _relay(self, health_servicer: health.aio.HealthServicer) -> None:
         auth = self.config.auth
         token = ServiceToken(
             secret=self.config.jwt_secret,
             token_file=self.config.service_token_file,
-            audience=auth.audience if auth else "fieldsync",
+            audience=auth.service_audience if auth else DEFAULT_SERVICE_AUDIENCE,
             issuer=auth.issuer if auth else None,
         )
 

@@ -25,9 +25,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from fieldsync.auth import Principal
-from fieldsync.errors import FieldSyncError, InvalidArgument, PermissionDenied, Reason
+from fieldsync.errors import FieldSyncError, InvalidArgument, PermissionDenied, Reason, clip
 from fieldsync.values import Fields, FieldValue
 from sync_service.rules.decode import Repair, WarningCode, apply_defaults, decode_fields
+from sync_service.rules.limits import (
+    MAX_CONFLICT_ID_LENGTH,
+    MAX_ID_LENGTH,
+    MAX_RECORD_ID_LENGTH,
+    problem,
+    storable,
+)
 from sync_service.rules.merge import DELETED, Change, Decision, Op, decide
 from sync_service.rules.schema import CollectionSpec, Policy, Schema
 from sync_service.storage.base import (
@@ -44,9 +51,6 @@ from sync_service.storage.base import (
 from sync_service.writes.audit_events import MutationEvents
 from sync_service.writes.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome, Status
 from sync_service.writes.results import replayed_outcome, result_payload
-
-MAX_ID_LENGTH = 200
-MAX_RECORD_ID_LENGTH = 500
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,7 @@ class BatchRun:
         """Read every record, history row and conflict the batch needs, set-based."""
         by_collection: dict[str, dict[str, int]] = defaultdict(dict)
         for m in fresh:
-            if m.collection in self.rules and m.record_id:
+            if m.collection in self.rules and m.record_id and not m.invalid:
                 bases = by_collection[m.collection]
                 bases[m.record_id] = min(bases.get(m.record_id, m.base_version), m.base_version)
         for r in stored:
@@ -190,7 +194,11 @@ class BatchRun:
             if foreign:
                 for rid, changes in self.tx.load_changes(self.tenant, collection, foreign).items():
                     self.changes[(collection, rid)] = changes
-        wanted = {m.resolves_conflict_id for m in fresh if m.resolves_conflict_id}
+        wanted = {
+            m.resolves_conflict_id
+            for m in fresh
+            if problem(m.resolves_conflict_id, MAX_CONFLICT_ID_LENGTH) is None
+        }
         wanted.update(r.payload["c"] for r in stored if r.payload.get("c"))
         if wanted:
             self.conflicts.update(self.tx.load_conflicts(self.tenant, wanted))
@@ -283,6 +291,10 @@ class BatchRun:
         return outcome
 
     def _validate(self, m: MutationIn) -> CollectionRules:
+        if m.invalid:  # api.convert found it unreadable or unstorable (rules.limits)
+            raise InvalidArgument(
+                Reason.INVALID_MUTATION, m.invalid, violations=[("mutation", m.invalid)]
+            )
         if not m.mutation_id or len(m.mutation_id) > MAX_ID_LENGTH:
             raise InvalidArgument(
                 Reason.INVALID_MUTATION,
@@ -307,7 +319,7 @@ class BatchRun:
             if rules is None:
                 raise InvalidArgument(
                     Reason.UNKNOWN_COLLECTION,
-                    f"the schema has no collection {m.collection!r}",
+                    f"the schema has no collection {clip(m.collection)!r}",
                     violations=[("mutation.collection", "not in the schema")],
                 )
             if not rules.spec.can_write(self.principal.roles):
@@ -402,7 +414,7 @@ class BatchRun:
                 Repair(
                     WarningCode.CONFLICT_NOT_FOUND,
                     "",
-                    f"resolves_conflict_id {cid!r} names no conflict of this record; "
+                    f"resolves_conflict_id {clip(cid)!r} names no conflict of this record; "
                     "the mutation was applied as an ordinary one",
                 )
             )
@@ -447,12 +459,18 @@ class BatchRun:
         return outcome
 
     def _store_result(self, m: MutationIn, o: MutationOutcome) -> None:
-        keyed = m.collection in self.rules and bool(m.record_id)
+        keyed = m.collection in self.rules and bool(m.record_id) and not m.invalid
         payload = result_payload(m, o, keyed=keyed)
         if keyed:
             self.result_keys[m.client_seq] = (m.collection, m.record_id)
         self.out.results.append(
-            StoredResult(self.client.client_id, m.client_seq, self.tenant, m.mutation_id, payload)
+            StoredResult(
+                self.client.client_id,
+                m.client_seq,
+                self.tenant,
+                storable(m.mutation_id, MAX_ID_LENGTH),  # a rejected one may be too long
+                payload,
+            )
         )
 
     def flush(self) -> None:

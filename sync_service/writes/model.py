@@ -38,6 +38,7 @@ class MutationIn:
     client_time: int | None = None  # nanoseconds
     base_fields: Fields = field(default_factory=dict)
     resolves_conflict_id: str = ""
+    invalid: str = ""  # why the wire mutation cannot be read (it is rejected), if it cannot
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,7 @@ class Counters:
     conflicts: int = 0
     rejected: int = 0
     duplicates: int = 0
+    warnings: int = 0
     pulled: int = 0
     answered: int = 0
     pages: int = 0
@@ -63,6 +64,7 @@ class Counters:
         self.conflicts += s["CONFLICT"]
         self.rejected += s["REJECTED"]
         self.duplicates += s["DUPLICATE"]
+        self.warnings += summary.warnings
         self.answered += s.total()
 
     def report(self, pending: int) -> SyncReport:
@@ -72,6 +74,7 @@ class Counters:
             conflicts=self.conflicts,
             rejected=self.rejected,
             duplicates=self.duplicates,
+            warnings=self.warnings,
             pulled=self.pulled,
             pending=pending,
         )

@@ -321,6 +321,7 @@ def _run(args: argparse.Namespace, client: FieldSyncClient, fields: dict[str, Fi
                 "conflicts": report.conflicts,
                 "rejected": report.rejected,
                 "duplicates": report.duplicates,
+                "warnings": report.warnings,
                 "pulled": report.pulled,
                 "pending": report.pending,
             }
