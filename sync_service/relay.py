@@ -36,6 +36,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from fieldsync.auth import DEFAULT_SERVICE_AUDIENCE, SERVICE_ROLE, mint_token
+from fieldsync.db import is_outage
 from fieldsync.tls import ClientTLS, TLSError
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 from fieldsync.values import decode, to_proto
@@ -234,9 +235,13 @@ class AuditRelay:
                 )
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, self._max_backoff)
-            except Exception:
+            except Exception as err:
                 self.stats.failures += 1
-                log.exception("audit relay error; retrying in %.1fs", backoff)
+                if is_outage(err):  # the sync database (a full disk, a lost connection)
+                    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    log.warning("audit relay: database unavailable (%s); retrying", first)
+                else:
+                    log.exception("audit relay error; retrying in %.1fs", backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._max_backoff)
             if time.monotonic() - last_report > 10:
