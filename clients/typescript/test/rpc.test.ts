@@ -15,7 +15,10 @@ import {
   fromValues,
   rejection,
 } from "../src/index.js";
-import { Service, eventually, freePort, stopAll, token } from "./harness.js";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { MemoryQueue } from "../src/index.js";
+import { REPO, Service, eventually, freePort, stopAll, token } from "./harness.js";
 
 const MAX_BATCH = 100;
 let audit: Service;
@@ -267,6 +270,47 @@ describe("sync service", () => {
     assert.equal(await live, true);
     clearTimeout(timer);
     abort.abort();
+  });
+});
+
+describe("the README's TypeScript example", () => {
+  test("runs as written", async () => {
+    const address = sync.address;
+    const tokenFor = (tenant: string, sub: string): string => token({ tenant, sub });
+    // README example start
+    const client = new FieldSyncClient({ address, token: () => tokenFor("acme", "rep-7") });
+
+    // A device's offline writes; the queue numbers them 1, 2, 3 … (clientSeq) and gives
+    // each a UUID. MemoryQueue is for examples: implement MutationQueue on your database.
+    const queue = new MemoryQueue();
+    queue.add({ op: "PUT", collection: "tasks", recordId: "task-1", fields: { title: "Visit site", estimate: 2n } });
+    queue.add({ op: "PATCH", collection: "tasks", recordId: "task-1", fields: { status: "doing" } });
+
+    // The reconnect: hello, welcome, the unanswered writes in pipelined batches; a write
+    // leaves the queue only when its result arrives, and a broken stream is resumed.
+    const report = await client.sync("install-7f3a", queue);
+    assert.deepEqual([report.applied, report.pending], [2, 0]);
+
+    // Reads: int64 values are bigint, exact beyond 2^53.
+    const [task] = await client.getRecords("tasks", ["task-1"]);
+    const { title, status, estimate } = fromValues(task!.fields);
+    assert.deepEqual([title, status, estimate, task!.version], ["Visit site", "doing", 2n, 2n]);
+
+    // Errors are typed, with the server's stable reason (google.rpc.ErrorInfo).
+    const stranger = new FieldSyncClient({ address, token: () => "not-a-jwt" });
+    await assert.rejects(stranger.getSchema(), (err) => err instanceof SyncUnauthenticated && err.reason === "INVALID_TOKEN");
+    // README example end
+  });
+
+  test("README.md carries the example above, verbatim", () => {
+    const source = readFileSync(join(REPO, "clients", "typescript", "test", "rpc.test.ts"), "utf8");
+    const block = /\/\/ README example start\n([\s\S]*?)\n\s*\/\/ README example end/.exec(source)?.[1];
+    assert.ok(block, "the markers are in rpc.test.ts");
+    const lines = block.split("\n");
+    const indent = Math.min(...lines.filter((l) => l.trim()).map((l) => l.length - l.trimStart().length));
+    const example = lines.map((l) => l.slice(indent)).join("\n");
+    const readme = readFileSync(join(REPO, "README.md"), "utf8");
+    assert.ok(readme.includes(example), `README.md's TypeScript example differs from rpc.test.ts's; copy it:\n${example}`);
   });
 });
 

@@ -15,6 +15,7 @@ import {
   SyncUnauthenticated,
   fromValues,
 } from "../src/index.js";
+import { backend } from "../examples/backend.js";
 import { Service, stopAll, token } from "./harness.js";
 
 let sync: Service;
@@ -186,4 +187,37 @@ test("a REJECTED mutation is dropped on its result; the rest of the queue applie
   const report = await c.sync("ts-rej", queue, { onResults: (rs) => void statuses.push(...rs.map((r) => r.status)) });
   assert.deepEqual(statuses, [MutationStatus.REJECTED, MutationStatus.APPLIED]);
   assert.equal(report.pending, 0);
+});
+
+test("examples/backend.ts relays a device's queued writes and answers per mutation", async () => {
+  const server = backend(sync.address);
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address() as { port: number };
+  const post = async (bearer: string, mutations: unknown[]): Promise<{ status: number; json: any }> => {
+    const res = await fetch(`http://127.0.0.1:${port}/devices/phone-1/sync`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${bearer}`, "content-type": "application/json" },
+      body: JSON.stringify({ mutations }),
+    });
+    return { status: res.status, json: await res.json() };
+  };
+  try {
+    const device = token({ tenant: "acme", sub: "phone-user" });
+    const writes = [
+      { clientSeq: 1, mutationId: crypto.randomUUID(), op: "PUT", collection: "tasks", recordId: "bk-1", fields: { title: "From a phone", estimate: { $int: "9007199254740993" } } },
+      { clientSeq: 2, mutationId: crypto.randomUUID(), op: "PATCH", collection: "tasks", recordId: "bk-1", fields: { status: "doing" }, clientTime: "2026-05-01T12:00:00Z" },
+    ];
+    const first = await post(device, writes);
+    assert.equal(first.status, 200);
+    assert.deepEqual(first.json.results.map((r: any) => r.status), ["MUTATION_STATUS_APPLIED", "MUTATION_STATUS_APPLIED"]);
+    assert.equal(first.json.results[1].record.version, "2");
+    assert.equal(first.json.results[0].record.fields.estimate.intValue, "9007199254740993");
+    // The phone did not get the answer and sends again: nothing is applied twice.
+    const again = await post(device, writes);
+    assert.deepEqual(again.json.results.map((r: any) => r.status), ["MUTATION_STATUS_DUPLICATE", "MUTATION_STATUS_DUPLICATE"]);
+    const refused = await post(token({ tenant: "acme", sub: "p", secret: "wrong" }), writes);
+    assert.deepEqual({ status: refused.status, reason: refused.json.reason }, { status: 401, reason: "INVALID_TOKEN" });
+  } finally {
+    server.close();
+  }
 });
