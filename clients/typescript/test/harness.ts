@@ -74,6 +74,29 @@ export async function freePort(): Promise<number> {
 const running = new Set<Service>();
 let workDir: string | undefined;
 
+// `python -m module`, made (on Linux) to die with the test process even when that is
+// SIGKILLed (the runner stopping it): the parent-death signal survives the exec.
+const BOOT = [
+  "import os, signal, sys",
+  "if sys.platform.startswith('linux'):",
+  "    import ctypes",
+  "    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG",
+  "os.execv(sys.executable, [sys.executable, '-m', sys.argv[1]])",
+].join("\n");
+
+// A test process that ends without its `after` hooks (an uncaught error, Ctrl-C, the
+// runner stopping it) still takes its services with it.
+function killRunning(): void {
+  for (const s of running) s.killNow();
+}
+process.once("exit", killRunning);
+for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
+  process.once(signal, () => {
+    killRunning();
+    process.exit(128 + (signal === "SIGINT" ? 2 : signal === "SIGTERM" ? 15 : 1));
+  });
+}
+
 /** This test file's scratch folder (databases, service logs), removed by stopAll(). */
 export function scratch(): string {
   workDir ??= mkdtempSync(join(tmpdir(), "fieldsync-ts-test-"));
@@ -129,7 +152,7 @@ export class Service {
     }
     Object.assign(env, options.env ?? {});
     const log = openSync(logPath, "a");
-    const child = spawn(PYTHON, ["-m", module], { cwd: dir, env, stdio: ["ignore", log, log] });
+    const child = spawn(PYTHON, ["-c", BOOT, module], { cwd: dir, env, stdio: ["ignore", log, log] });
     closeSync(log);
     const service = new Service(module, address, dbPath, logPath, child, options);
     running.add(service);
@@ -174,6 +197,11 @@ export class Service {
         await new Promise((r) => setTimeout(r, 100));
       }
     }
+  }
+
+  /** SIGKILL without waiting (for a process that is exiting). */
+  killNow(): void {
+    if (this.alive) this.child.kill("SIGKILL");
   }
 
   /** SIGKILL: a crash, as far as the service can tell. Resolves once it is gone. */
