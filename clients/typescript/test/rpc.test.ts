@@ -341,8 +341,18 @@ describe("audit service", () => {
     assert.equal(tailed.value?.eventId, eventId);
     abort.abort();
     await tail.return(undefined);
+    // A bad event among good ones: the call fails INVALID_AUDIT_EVENT, with a BadRequest
+    // violation naming it (events[1]...), and the good one was stored.
+    const other = { ...ev, eventId: crypto.randomUUID() };
+    const bad = await service.recordEvents([other, { ...ev, eventId: "" }]).then(
+      () => assert.fail("an event without event_id was accepted"),
+      (e: unknown) => e,
+    );
+    assert.ok(bad instanceof SyncError, String(bad));
+    assert.equal(bad.reason, "INVALID_AUDIT_EVENT");
+    assert.ok(bad.violations.length > 0 && bad.violations.every((v) => v.field.startsWith("events[1]")), JSON.stringify(bad.violations));
     const page = await auditor().queryEvents({ recordId: "audit-1" });
-    assert.deepEqual(page.events.map((e) => e.eventId), [eventId]);
+    assert.deepEqual(page.events.map((e) => e.eventId), [eventId, other.eventId]);
     // Reading needs the auditor role.
     const notAuditor = new AuditClient({ address: audit.address, token: () => token({ tenant: "acme", sub: "u" }) });
     await assert.rejects(notAuditor.queryEvents({}), (e: unknown) => e instanceof SyncError && e.reason === "ROLE_REQUIRED");
