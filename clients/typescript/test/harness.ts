@@ -174,7 +174,8 @@ export class Service {
     return readFileSync(this.logPath, "utf8").split("\n").slice(-lines).join("\n");
   }
 
-  private async waitReady(timeoutMs = 30_000): Promise<void> {
+  // A safety net, not synchronisation: on a loaded 2-core machine a start took 12-25 s.
+  private async waitReady(timeoutMs = 90_000): Promise<void> {
     const deadline = Date.now() + timeoutMs;
     const opts = { address: this.address, timeoutMs: 1000, maxRetries: 0 };
     const probe =

@@ -2,7 +2,7 @@
 // answers that were lost, a stream broken by killing the server, a queue the server cannot
 // continue, a refused token.
 import assert from "node:assert/strict";
-import { after, before, test } from "node:test";
+import { test } from "node:test";
 import type { Interceptor } from "@connectrpc/connect";
 import {
   FieldSyncClient,
@@ -16,18 +16,11 @@ import {
   fromValues,
 } from "../src/index.js";
 import { backend } from "../examples/backend.js";
-import { Service, stopAll, token } from "./harness.js";
-
-let sync: Service;
-
-before(async () => {
-  sync = await Service.start("sync_service", { env: { FIELDSYNC_MAX_BATCH: "200" } });
-});
-
-after(stopAll);
+import { type Service, token } from "./harness.js";
+import { services as S } from "./services.js";
 
 function client(sub: string, extra: { interceptors?: Interceptor[]; maxRetries?: number } = {}): FieldSyncClient {
-  return new FieldSyncClient({ address: sync.address, token: () => token({ tenant: "acme", sub }), timeoutMs: 10_000, ...extra });
+  return new FieldSyncClient({ address: S.sync.address, token: () => token({ tenant: "acme", sub }), timeoutMs: 10_000, ...extra });
 }
 
 /** `records` records created (PUT), then `patches` PATCHes of `estimate` spread over them. */
@@ -126,7 +119,7 @@ test("mutations applied but whose answers were lost come back DUPLICATE with the
 });
 
 test("a Sync stream broken by killing the server resumes after its restart: nothing lost or applied twice", async (t) => {
-  const c = client("rep-crash", { maxRetries: 12 });
+  const c = client("rep-crash", { maxRetries: 30 }); // the restart took up to 30 s on a loaded machine
   const records = 40;
   const patches = 1960;
   const queue = fieldQueue("k", records, patches);
@@ -142,12 +135,12 @@ test("a Sync stream broken by killing the server resumes after its restart: noth
         if (restarted === undefined && answered.size >= 600) {
           pendingAtKill = queue.size();
           // SIGKILL mid-stream (batches in flight), then the same service on the same file.
-          restarted = sync.kill().then(() => sync.restart());
+          restarted = S.sync.kill().then(() => S.sync.restart());
         }
       },
     });
   } finally {
-    if (restarted) sync = await restarted; // the next tests need it, whatever happened here
+    if (restarted) S.sync = await restarted; // the next tests need it, whatever happened here
   }
   t.diagnostic(
     `killed with ${pendingAtKill} queued; ${report.attempts} streams; ${report.duplicates} answered DUPLICATE after the restart`,
@@ -157,8 +150,10 @@ test("a Sync stream broken by killing the server resumes after its restart: noth
   assert.ok(report.attempts >= 2, `the stream was opened again (${report.attempts})`);
   assert.equal(report.pending, 0);
   assert.equal(answered.size, records + patches, "every mutation was answered");
-  // Answered twice only when its first answer may have been lost with the stream.
-  assert.equal(report.answered - answered.size, report.duplicates);
+  // DUPLICATE only for what was in flight at the kill (applied or not, its answer was lost):
+  // at most maxInFlight (2) batches of 100; everything else was answered once.
+  assert.ok(report.duplicates <= 200, `${report.duplicates} DUPLICATE answers`);
+  assert.ok([...answered.values()].every((n) => n <= 2), "no mutation answered more than twice");
   assert.equal(report.applied + report.duplicates, report.answered);
   await assertDeliveredOnce(c, "k", records, patches);
 });
@@ -172,7 +167,7 @@ test("a queue the server cannot continue (a gap it never had) fails and is kept 
 });
 
 test("a refused token fails the sync as UNAUTHENTICATED and keeps the queue", async () => {
-  const c = new FieldSyncClient({ address: sync.address, token: () => token({ tenant: "acme", sub: "x", expiresIn: -60 }) });
+  const c = new FieldSyncClient({ address: S.sync.address, token: () => token({ tenant: "acme", sub: "x", expiresIn: -60 }) });
   const queue = fieldQueue("u", 2, 0);
   await assert.rejects(c.sync("ts-unauth", queue), (e: unknown) => e instanceof SyncUnauthenticated && e.reason === "TOKEN_EXPIRED");
   assert.equal(queue.size(), 2);
@@ -190,7 +185,7 @@ test("a REJECTED mutation is dropped on its result; the rest of the queue applie
 });
 
 test("examples/backend.ts relays a device's queued writes and answers per mutation", async () => {
-  const server = backend(sync.address);
+  const server = backend(S.sync.address);
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
   const { port } = server.address() as { port: number };
   const post = async (bearer: string, mutations: unknown[]): Promise<{ status: number; json: any }> => {

@@ -1,7 +1,7 @@
 // Every RPC of both services from TypeScript, against the real processes: round trips,
 // merges, a durable conflict resolved, replay, errors with their reasons, tenancy, int64.
 import assert from "node:assert/strict";
-import { after, before, describe, test } from "node:test";
+import { describe, test } from "node:test";
 import {
   AuditClient,
   AuditEventKind,
@@ -18,18 +18,15 @@ import {
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { MemoryQueue } from "../src/index.js";
-import { REPO, Service, eventually, freePort, stopAll, token } from "./harness.js";
-
-const MAX_BATCH = 100;
-let audit: Service;
-let sync: Service;
+import { REPO, eventually, token } from "./harness.js";
+import { MAX_BATCH, services as S } from "./services.js";
 
 function client(tenant = "acme", sub = "rep-1", roles: string[] = []): FieldSyncClient {
-  return new FieldSyncClient({ address: sync.address, token: () => token({ tenant, sub, roles }), timeoutMs: 10_000 });
+  return new FieldSyncClient({ address: S.sync.address, token: () => token({ tenant, sub, roles }), timeoutMs: 10_000 });
 }
 
 function auditor(tenant = "acme"): AuditClient {
-  return new AuditClient({ address: audit.address, token: () => token({ tenant, sub: "aud", roles: ["auditor"] }) });
+  return new AuditClient({ address: S.audit.address, token: () => token({ tenant, sub: "aud", roles: ["auditor"] }) });
 }
 
 let seq = 0n;
@@ -39,16 +36,6 @@ function m(rest: Omit<QueuedMutation, "clientSeq" | "mutationId">): QueuedMutati
   return { ...rest, clientSeq: seq, mutationId: crypto.randomUUID() };
 }
 
-before(async () => {
-  // Both at once (the sync service only reaches the audit service after a write).
-  const auditAddress = `127.0.0.1:${await freePort()}`;
-  [audit, sync] = await Promise.all([
-    Service.start("audit_service", { address: auditAddress }),
-    Service.start("sync_service", { env: { FIELDSYNC_AUDIT_ADDR: auditAddress, FIELDSYNC_MAX_BATCH: String(MAX_BATCH) } }),
-  ]);
-});
-
-after(stopAll);
 
 describe("sync service", () => {
   test("GetSchema returns the shipped schema and its version", async () => {
@@ -196,7 +183,7 @@ describe("sync service", () => {
 
   test("a bad or expired token is UNAUTHENTICATED with its reason", async () => {
     const forged = new FieldSyncClient({
-      address: sync.address,
+      address: S.sync.address,
       token: () => token({ tenant: "acme", sub: "x", secret: "not-the-secret" }),
     });
     const err = await forged.getSchema().then(
@@ -206,10 +193,10 @@ describe("sync service", () => {
     assert.ok(err instanceof SyncUnauthenticated, String(err));
     assert.deepEqual({ code: err.code, reason: err.reason }, { code: "UNAUTHENTICATED", reason: "INVALID_TOKEN" });
 
-    const expired = new FieldSyncClient({ address: sync.address, token: () => token({ tenant: "acme", sub: "x", expiresIn: -600 }) });
+    const expired = new FieldSyncClient({ address: S.sync.address, token: () => token({ tenant: "acme", sub: "x", expiresIn: -600 }) });
     await assert.rejects(expired.getRecords("tasks", ["rt-1"]), (e: unknown) => e instanceof SyncUnauthenticated && e.reason === "TOKEN_EXPIRED");
 
-    const none = new FieldSyncClient({ address: sync.address, token: () => "" });
+    const none = new FieldSyncClient({ address: S.sync.address, token: () => "" });
     await assert.rejects(none.getSchema(), SyncUnauthenticated);
   });
 
@@ -250,7 +237,7 @@ describe("sync service", () => {
         (e: unknown) => e,
       );
     // The raw stub's ConnectError carries the same details the typed client unpacks.
-    const typed = (await import("../src/errors.js")).errorFromCall(err, "list conflicts", sync.address);
+    const typed = (await import("../src/errors.js")).errorFromCall(err, "list conflicts", S.sync.address);
     assert.deepEqual({ code: typed.code, reason: typed.reason }, { code: "INVALID_ARGUMENT", reason: "INVALID_PAGE_TOKEN" });
   });
 
@@ -275,7 +262,7 @@ describe("sync service", () => {
 
 describe("the README's TypeScript example", () => {
   test("runs as written", async () => {
-    const address = sync.address;
+    const address = S.sync.address;
     const tokenFor = (tenant: string, sub: string): string => token({ tenant, sub });
     // README example start
     const client = new FieldSyncClient({ address, token: () => tokenFor("acme", "rep-7") });
@@ -303,21 +290,21 @@ describe("the README's TypeScript example", () => {
   });
 
   test("README.md carries the example above, verbatim", () => {
-    const source = readFileSync(join(REPO, "clients", "typescript", "test", "rpc.test.ts"), "utf8");
+    const source = readFileSync(join(REPO, "clients", "typescript", "test", "rpc.ts"), "utf8");
     const block = /\/\/ README example start\n([\s\S]*?)\n\s*\/\/ README example end/.exec(source)?.[1];
-    assert.ok(block, "the markers are in rpc.test.ts");
+    assert.ok(block, "the markers are in test/rpc.ts");
     const lines = block.split("\n");
     const indent = Math.min(...lines.filter((l) => l.trim()).map((l) => l.length - l.trimStart().length));
     const example = lines.map((l) => l.slice(indent)).join("\n");
     const readme = readFileSync(join(REPO, "README.md"), "utf8");
-    assert.ok(readme.includes(example), `README.md's TypeScript example differs from rpc.test.ts's; copy it:\n${example}`);
+    assert.ok(readme.includes(example), `README.md's TypeScript example differs from test/rpc.ts's; copy it:\n${example}`);
   });
 });
 
 describe("audit service", () => {
   test("RecordEvents (service role), QueryEvents and TailEvents (auditor)", async () => {
     const service = new AuditClient({
-      address: audit.address,
+      address: S.audit.address,
       token: () => token({ tenant: "acme", sub: "sync", roles: ["fieldsync:service"] }),
     });
     const abort = new AbortController();
@@ -354,7 +341,7 @@ describe("audit service", () => {
     const page = await auditor().queryEvents({ recordId: "audit-1" });
     assert.deepEqual(page.events.map((e) => e.eventId), [eventId, other.eventId]);
     // Reading needs the auditor role.
-    const notAuditor = new AuditClient({ address: audit.address, token: () => token({ tenant: "acme", sub: "u" }) });
+    const notAuditor = new AuditClient({ address: S.audit.address, token: () => token({ tenant: "acme", sub: "u" }) });
     await assert.rejects(notAuditor.queryEvents({}), (e: unknown) => e instanceof SyncError && e.reason === "ROLE_REQUIRED");
   });
 });
