@@ -8,10 +8,14 @@ STAMP := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/fieldsync/v1/*.proto)
 GEN_STAMP := fieldsync/v1/.generated-stamp
 RUN_DIR := .run
+# The TypeScript client (clients/typescript): its npm dependencies, when npm is here.
+TS_DIR := clients/typescript
+TS_STAMP := $(TS_DIR)/node_modules/.installed-stamp
+HAVE_NPM := $(shell command -v npm >/dev/null 2>&1 && echo yes)
 
-.PHONY: install gen check-gen config-doc run run-tls demo test lint fmt proto-lint clean
+.PHONY: install gen check-gen config-doc run run-tls demo test lint fmt proto-lint clean ts-install ts-test ts-lint ts-gen
 
-install: $(STAMP) $(GEN_STAMP)
+install: $(STAMP) $(GEN_STAMP) ts-install
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "FieldSync needs Python 3.11 or newer")'
@@ -23,6 +27,38 @@ $(STAMP): pyproject.toml constraints.txt
 $(GEN_STAMP): $(STAMP) $(PROTOS) scripts/gen_protos.py
 	$(PY) scripts/gen_protos.py
 	@touch $@
+
+# npm ci from the committed package-lock.json; no npm (a machine without Node): skipped.
+ts-install:
+ifeq ($(HAVE_NPM),yes)
+	@$(MAKE) --no-print-directory $(TS_STAMP)
+else
+	@echo "== npm not found: the TypeScript client (clients/typescript) is skipped; install Node 20+ to build and test it"
+endif
+
+$(TS_STAMP): $(TS_DIR)/package.json $(TS_DIR)/package-lock.json
+	cd $(TS_DIR) && npm ci --silent --no-audit --no-fund
+	@touch $@
+
+# The TypeScript tests (node --test) start real services from .venv, so they need install.
+ts-test: install
+ifeq ($(HAVE_NPM),yes)
+	cd $(TS_DIR) && npm test --silent
+else
+	@echo "== npm not found: TypeScript tests skipped"
+endif
+
+# tsc --noEmit (strict) and the stale-stub check of the committed TypeScript stubs.
+ts-lint: install
+ifeq ($(HAVE_NPM),yes)
+	cd $(TS_DIR) && npm run --silent lint && npm run --silent check-gen
+else
+	@echo "== npm not found: TypeScript lint skipped"
+endif
+
+# Regenerate the committed TypeScript stubs after a proto change.
+ts-gen: ts-install
+	cd $(TS_DIR) && npm run --silent gen
 
 gen: $(STAMP)
 	$(PY) scripts/gen_protos.py
@@ -55,12 +91,14 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+	@$(MAKE) --no-print-directory ts-test
 
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy .
 	$(PY) scripts/gen_protos.py --check
+	@$(MAKE) --no-print-directory ts-lint
 
 fmt: install
 	$(PY) -m ruff format .
@@ -85,3 +123,4 @@ bench: install
 
 clean:
 	rm -rf $(VENV) $(RUN_DIR) fieldsync/v1/*_pb2*.py fieldsync/v1/*_pb2*.pyi $(GEN_STAMP)
+	rm -rf $(TS_DIR)/node_modules $(TS_DIR)/dist

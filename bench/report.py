@@ -78,6 +78,7 @@ ORDER = (
     "text_merge",
     "reconnect_pg",
     "concurrent_pg",
+    "client_sync_ts",
 )
 SHOWN: Mapping[str, tuple[str, ...]] = {
     "reconnect_sqlite": ("value", "ratio_vs_storage_floor", "ratio_vs_transport_floor"),
@@ -92,6 +93,7 @@ SHOWN: Mapping[str, tuple[str, ...]] = {
     "text_merge": ("value", "max_ms"),
     "reconnect_pg": ("value", "value_2_processes", "ratio_2_vs_1_processes"),
     "concurrent_pg": ("value", "p99_batch_ms", "errors"),
+    "client_sync_ts": ("value", "python_mutations_per_s", "ratio_vs_python"),
 }
 UNITS = {
     "max_ms": "ms",
