@@ -1,13 +1,13 @@
-// Generate the TypeScript stubs of protos/fieldsync/v1 (and the vendored google/rpc protos)
-// into src/gen with buf and protoc-gen-es (the one codegen step of this package).
+// Generate the TypeScript stubs of protos/fieldsync/v1 (and the google/rpc protos vendored in
+// protos/google/rpc) into src/gen with buf and protoc-gen-es (the one codegen step of this package).
 //
 //     node scripts/gen.mjs          write the stubs
 //     node scripts/gen.mjs --check  exit 1 when the stubs on disk (committed) are stale,
 //                                   or when a vendored proto differs from its pinned source
 //
 // buf needs one workspace holding every import, so the repository's protos and the vendored
-// ones (proto/google/rpc, from the PyPI package googleapis-common-protos pinned in
-// constraints.txt) are copied into a scratch folder and generated from there. The
+// ones (protos/google/rpc, from the PyPI package googleapis-common-protos pinned in
+// constraints.txt) are copied into a scratch folder, as two modules, and generated from there. The
 // google/protobuf well-known types are not generated: @bufbuild/protobuf/wkt ships them.
 import { execFileSync } from "node:child_process";
 import { cpSync, existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
@@ -31,8 +31,8 @@ function listFiles(dir) {
 function generate(target) {
   const work = mkdtempSync(join(tmpdir(), "fieldsync-ts-gen-"));
   try {
-    cpSync(join(repo, "protos"), join(work, "protos"), { recursive: true });
-    cpSync(join(here, "proto", "google"), join(work, "deps", "google"), {
+    cpSync(join(repo, "protos", "fieldsync"), join(work, "protos", "fieldsync"), { recursive: true });
+    cpSync(join(repo, "protos", "google"), join(work, "deps", "google"), {
       recursive: true,
       filter: (src) => !src.endsWith("LICENSE"),
     });
@@ -66,9 +66,10 @@ function vendoredDrift() {
   const py = readdirSync(site).find((d) => d.startsWith("python"));
   const rpc = py && join(site, py, "site-packages", "google", "rpc");
   if (!rpc || !existsSync(rpc)) return [];
-  return listFiles(join(here, "proto", "google", "rpc")).filter(
-    (f) => readFileSync(join(rpc, f), "utf8") !== readFileSync(join(here, "proto", "google", "rpc", f), "utf8"),
-  );
+  const vendored = join(repo, "protos", "google", "rpc");
+  return listFiles(vendored)
+    .filter((f) => f.endsWith(".proto"))
+    .filter((f) => readFileSync(join(rpc, f), "utf8") !== readFileSync(join(vendored, f), "utf8"));
 }
 
 if (process.argv.includes("--check")) {
