@@ -231,19 +231,21 @@ def _raw_token(**claims: Any) -> str:
 
 
 @pytest.mark.parametrize(
-    "claims",
+    "make",
     [
-        {"exp": str(int(time.time()) + 600)},
-        {"exp": 1e30},
-        {"exp": float(int(time.time()) + 600)},
-        {"exp": int(time.time()) + 2 * 86_400},  # beyond the one-day default lifetime
-        {"iat": "0"},
+        # Made when the test runs, not when it is collected: a long suite would expire them.
+        lambda now: {"exp": str(now + 600)},
+        lambda now: {"exp": 1e30},
+        lambda now: {"exp": float(now + 600)},
+        lambda now: {"exp": now + 2 * 86_400},  # beyond the one-day default lifetime
+        lambda now: {"iat": "0"},
     ],
     ids=["numeric-string", "1e30", "float", "two-days", "iat-string"],
 )
 def test_exp_must_be_a_whole_number_within_the_lifetime(
-    seeded: Client, claims: dict[str, Any]
+    seeded: Client, make: Callable[[int], dict[str, Any]]
 ) -> None:
+    claims = make(int(time.time()))
     with pytest.raises(grpc.RpcError) as err:
         seeded.env.stub.GetRecords(
             sync_pb2.GetRecordsRequest(collection="tasks", record_ids=["t1"]),
