@@ -20,6 +20,8 @@ from audit_service.servicer import AuditServicer
 from audit_service.storage import SqlAuditStorage
 from audit_service.tail import CommitSignal
 from fieldsync.auth import TokenVerifier
+from fieldsync.metrics import AuditMetrics
+from fieldsync.operations import Operations
 from fieldsync.serving import ServiceApp, run_until_stopped, stop_event, tune_gc, verifier_for
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 
@@ -39,6 +41,8 @@ class AuditApp(ServiceApp):
     verifier: TokenVerifier
     # Made by add_services, on the loop that serves: asyncio events belong to one loop.
     signal: CommitSignal | None = field(default=None, init=False)
+    metrics: AuditMetrics | None = None
+    ops: Operations[AuditMetrics] | None = None
 
     @classmethod
     def from_config(cls, config: AuditConfig) -> AuditApp:
@@ -63,7 +67,10 @@ class AuditApp(ServiceApp):
         """Register the audit, health and reflection services; returns the health servicer."""
         self.signal = CommitSignal()
         servicer = AuditServicer(
-            self.storage, self.signal, tail_poll_seconds=self.config.tail_poll_seconds
+            self.storage,
+            self.signal,
+            tail_poll_seconds=self.config.tail_poll_seconds,
+            metrics=self.metrics,
         )
         audit_pb2_grpc.add_AuditServiceServicer_to_server(servicer, server)
         return self.add_health_and_reflection(server)
@@ -80,10 +87,20 @@ class AuditApp(ServiceApp):
 async def serve(config: AuditConfig) -> None:
     # Signals first: a SIGTERM during startup (migrations) still ends gracefully.
     stop = stop_event()
+    ops = Operations.start(
+        "fieldsync-audit",
+        tls=config.server_tls(),
+        metrics=AuditMetrics() if config.metrics_addr else None,
+        metrics_addr=config.metrics_addr,
+        log_calls=config.log_calls,
+        tracing=config.tracing,
+    )
     app = AuditApp.from_config(config)
+    app.ops, app.metrics = ops, ops.metrics
     tune_gc()
     try:
         await run_until_stopped(app, stop, log, "audit service")
     finally:
         app.close()
+        ops.close()
     log.info("stopped")

@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 import psycopg
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
@@ -54,6 +56,10 @@ def chunks(items: Sequence[_T], size: int = CHUNK) -> Iterator[Sequence[_T]]:
         yield items[i : i + size]
 
 
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer release than this one (docs/operations.md)."""
+
+
 @contextmanager
 def locked_write(engine: Engine, pg_lock: int) -> Iterator[Connection]:
     """A write transaction holding the service's write lock to its end.
@@ -67,7 +73,13 @@ def locked_write(engine: Engine, pg_lock: int) -> Iterator[Connection]:
         yield conn
 
 
-def migrate(engine: Engine, script_location: Path, pg_lock: int) -> None:
+def migrate(
+    engine: Engine,
+    script_location: Path,
+    pg_lock: int,
+    *,
+    version_table: str = "alembic_version",
+) -> None:
     """Create or upgrade a service's schema to its newest migration, atomically.
 
     Under the service's write lock (`locked_write` on its write engine):
@@ -75,14 +87,30 @@ def migrate(engine: Engine, script_location: Path, pg_lock: int) -> None:
     the tables, and a crash mid-migration leaves nothing half-built.
     """
     with locked_write(engine, pg_lock) as conn:
-        upgrade_schema(conn, script_location)
+        upgrade_schema(conn, script_location, version_table=version_table)
 
 
-def upgrade_schema(conn: Connection, script_location: Path) -> None:
-    """Run a service's Alembic migrations to head on `conn` (the caller holds its lock)."""
+def upgrade_schema(
+    conn: Connection, script_location: Path, *, version_table: str = "alembic_version"
+) -> None:
+    """Run a service's Alembic migrations to head on `conn` (the caller holds its lock).
+
+    SchemaTooNew when the database's revision is none this release ships: a newer
+    release migrated it, and this one must not write to a schema it does not know.
+    """
     cfg = Config()
     cfg.set_main_option("script_location", str(script_location))
     cfg.attributes["connection"] = conn
+    context = MigrationContext.configure(conn, opts={"version_table": version_table})
+    current = context.get_current_heads()
+    known = {rev.revision for rev in ScriptDirectory.from_config(cfg).walk_revisions()}
+    unknown = sorted(set(current) - known)
+    if unknown:
+        raise SchemaTooNew(
+            f"the database is at schema revision {', '.join(unknown)}, which this release "
+            "does not know: a newer release migrated it. Run that release, or restore the "
+            "backup taken before the upgrade (docs/operations.md)"
+        )
     command.upgrade(cfg, "head")
 
 

@@ -5,8 +5,11 @@
 1. the caller's bearer token is verified (except for the standard health and
    reflection services, which load balancers and tools call without one) and
    the `Principal` is made available to the handler via `current_principal()`;
-2. errors are turned into statuses, in this one place: a `FieldSyncError`
-   becomes its rich `google.rpc.Status`; anything else is logged with its
+2. a request that does not parse is INVALID_ARGUMENT / MALFORMED_MESSAGE
+   (fieldsync.wire_guard), never a traceback;
+3. errors are turned into statuses, in this one place: a `FieldSyncError`
+   becomes its rich `google.rpc.Status`; a database outage is UNAVAILABLE /
+   DATABASE_UNAVAILABLE (logged as a warning); anything else is logged with its
    traceback (logger "fieldsync") and reaches the caller as an opaque INTERNAL.
 
 Handlers therefore raise domain errors and never call `context.abort` for
@@ -28,6 +31,14 @@ from grpc_status import rpc_status
 
 from fieldsync.auth import Principal, TokenVerifier, bearer_from_metadata, require_role
 from fieldsync.errors import FieldSyncError, internal_status
+from fieldsync.wire_guard import (
+    CallReservation,
+    RequestBudget,
+    check_request,
+    checked_requests,
+    guard_deserializer,
+    outage_error,
+)
 
 __all__ = [
     "UNAUTHENTICATED_METHOD_PREFIXES",
@@ -61,9 +72,12 @@ def current_principal() -> Principal:
 
 @asynccontextmanager
 async def _statuses_for_errors(
-    context: grpc.aio.ServicerContext[Any, Any], method: str
+    context: grpc.aio.ServicerContext[Any, Any],
+    method: str,
+    reservation: CallReservation | None,
 ) -> AsyncIterator[None]:
-    """Abort the RPC with the status an exception raised in the block stands for."""
+    """Abort the RPC with the status an exception raised in the block stands for;
+    give the call's request bytes back to the budget when it ends."""
     try:
         yield
     except grpc.aio.AbortError:
@@ -72,16 +86,24 @@ async def _statuses_for_errors(
         raise
     except FieldSyncError as err:
         await context.abort_with_status(rpc_status.to_status(err.to_status()))
-    except Exception:
+    except Exception as err:
+        outage = outage_error(err)
+        if outage is not None:
+            log.warning("%s: database unavailable: %s", method, _first_line(err))
+            await context.abort_with_status(rpc_status.to_status(outage.to_status()))
         log.exception("unexpected error in %s", method)
         await context.abort_with_status(rpc_status.to_status(internal_status()))
+    finally:
+        if reservation is not None:
+            reservation.release()
 
 
 class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, unused-ignore]
     """Authenticates calls and maps their errors; see the module docstring."""
 
-    def __init__(self, verifier: TokenVerifier) -> None:
+    def __init__(self, verifier: TokenVerifier, budget: RequestBudget | None = None) -> None:
         self._verifier = verifier
+        self.budget = budget  # bytes of requests in flight, in all (fieldsync.wire_guard)
 
     async def intercept_service(
         self,
@@ -107,55 +129,79 @@ class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, un
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str, metadata: _Metadata | None
     ) -> grpc.RpcMethodHandler[Any, Any]:
         """The handler, authenticating first and mapping its errors (one wrapper a shape)."""
-        for kind, streams, make in _HANDLER_KINDS:
+        reservation = CallReservation(self.budget) if self.budget is not None else None
+        deserializer = guard_deserializer(handler.request_deserializer, reservation)
+        for kind, request_streams, response_streams, make in _HANDLER_KINDS:
             inner: Callable[..., Any] | None = getattr(handler, kind)
             if inner is None:
                 continue
+            checked = checked_requests if request_streams else check_request
             wrapped = (
-                self._streaming(inner, method, metadata)
-                if streams
-                else self._unary(inner, method, metadata)
+                self._streaming(inner, checked, method, metadata, reservation)
+                if response_streams
+                else self._unary(inner, checked, method, metadata, reservation)
             )
-            return make(wrapped, handler.request_deserializer, handler.response_serializer)
+            return make(wrapped, deserializer, handler.response_serializer)
         raise TypeError(f"{method}: the RPC method handler has no behaviour")
 
     def _unary(
-        self, inner: Callable[..., Any], method: str, metadata: _Metadata | None
+        self,
+        inner: Callable[..., Any],
+        checked: Callable[[Any], Any],
+        method: str,
+        metadata: _Metadata | None,
+        reservation: CallReservation | None,
     ) -> Callable[..., Any]:
-        """A handler answering once (unary_unary, stream_unary)."""
+        """A handler answering once (unary_unary, stream_unary); `checked` vets its
+        request (check_request) or request stream (checked_requests)."""
 
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            async with _statuses_for_errors(context, method):
+            async with _statuses_for_errors(context, method, reservation):
                 self._authenticate(metadata)
-                return await _result(inner(request, context))
+                return await _result(inner(checked(request), context))
 
         return call
 
     def _streaming(
-        self, inner: Callable[..., Any], method: str, metadata: _Metadata | None
+        self,
+        inner: Callable[..., Any],
+        checked: Callable[[Any], Any],
+        method: str,
+        metadata: _Metadata | None,
+        reservation: CallReservation | None,
     ) -> Callable[..., Any]:
-        """A handler answering with a stream (unary_stream, stream_stream)."""
+        """A handler answering with a stream (unary_stream, stream_stream); `checked`
+        as for `_unary`."""
 
         async def call(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            async with _statuses_for_errors(context, method):
+            async with _statuses_for_errors(context, method, reservation):
                 self._authenticate(metadata)
-                async with aclosing(_responses(inner(request, context))) as responses:
+                outcome = inner(checked(request), context)
+                async with aclosing(_responses(outcome)) as responses:
                     async for response in responses:
                         yield response
 
         return call
 
 
-# The four shapes of an RPC handler: its attribute, whether it answers with a
-# stream, and how grpc builds a handler of that shape.
-_HANDLER_KINDS: tuple[tuple[str, bool, Callable[..., grpc.RpcMethodHandler[Any, Any]]], ...] = (
-    ("unary_unary", False, grpc.unary_unary_rpc_method_handler),
-    ("unary_stream", True, grpc.unary_stream_rpc_method_handler),
-    ("stream_unary", False, grpc.stream_unary_rpc_method_handler),
-    ("stream_stream", True, grpc.stream_stream_rpc_method_handler),
+# The four shapes of an RPC handler: its attribute, whether it takes a stream,
+# whether it answers with one, and how grpc builds a handler of that shape.
+_HANDLER_KINDS: tuple[
+    tuple[str, bool, bool, Callable[..., grpc.RpcMethodHandler[Any, Any]]], ...
+] = (
+    ("unary_unary", False, False, grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", False, True, grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", True, False, grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", True, True, grpc.stream_stream_rpc_method_handler),
 )
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception's first line, bounded: a driver's message can run to many lines."""
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
 
 
 async def _result(outcome: Any) -> Any:

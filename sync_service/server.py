@@ -4,7 +4,9 @@
 `add_services` registers everything on a grpc.aio server, so tests can run the
 real thing in process; `serve` is the process: listen, answer health once
 ready, and on SIGTERM stop taking calls, finish those in flight within the
-grace period, and return.
+grace period, and return. The server's scaffolding (options, interceptors,
+TLS, metrics endpoint, health, reflection) is fieldsync.serving's, shared with
+the audit service.
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from fieldsync.auth import TokenVerifier
+from fieldsync.auth import DEFAULT_SERVICE_AUDIENCE, TokenVerifier
+from fieldsync.calls import RequestHook
+from fieldsync.metrics import SyncMetrics
+from fieldsync.operations import Operations
 from fieldsync.serving import ServiceApp, run_until_stopped, stop_event, tune_gc, verifier_for
 from fieldsync.v1 import sync_pb2, sync_pb2_grpc
+from fieldsync.wire_guard import RequestBudget
+from sync_service.api.observe import request_hook
 from sync_service.api.servicer import SyncServicer
 from sync_service.config import SyncConfig
 from sync_service.feed import ChangeNotifier
@@ -29,6 +36,7 @@ from sync_service.schema_file import load_schema
 from sync_service.storage.engine import ChangeListener
 from sync_service.storage.sql import SqlStorage
 from sync_service.writes.applier import Applier
+from sync_service.writes.metrics import WriteMetrics
 
 log = logging.getLogger("fieldsync.sync")
 
@@ -48,6 +56,7 @@ class SyncApp(ServiceApp):
     notifier: ChangeNotifier | None = None
     relay_task: asyncio.Task[None] | None = None
     feed_listener: ChangeListener | None = None
+    ops: Operations[SyncMetrics] | None = None
 
     @classmethod
     def from_config(cls, config: SyncConfig) -> SyncApp:
@@ -59,13 +68,28 @@ class SyncApp(ServiceApp):
             pool_size=config.db_pool_size,
             record_cache=config.record_cache,
         )
-        storage.migrate()
+        try:
+            storage.migrate()
+            previous = storage.serve_schema(
+                schema.version, allow_downgrade=config.allow_schema_downgrade
+            )
+        except BaseException:
+            storage.close()
+            raise
+        if previous is not None and schema.version < previous:
+            log.warning("serving schema version %d below %d (forced)", schema.version, previous)
         applier = Applier(storage, schema, max_batch=config.max_batch)
         return cls(config, storage, applier, verifier)
 
     @property
     def dialect(self) -> str:
         return self.storage.dialect
+
+    def request_hook(self) -> RequestHook | None:
+        return request_hook(self.ops.metrics) if self.ops is not None else None
+
+    def request_budget(self) -> RequestBudget | None:
+        return RequestBudget(self.config.max_inflight_request_bytes)
 
     def add_services(self, server: grpc.aio.Server) -> health.aio.HealthServicer:
         """Register the sync, health and reflection services, and start the audit relay.
@@ -79,6 +103,7 @@ class SyncApp(ServiceApp):
             self.notifier,
             pull_page_size=self.config.pull_page_size,
             subscribe_poll_seconds=self.config.subscribe_poll_seconds,
+            trace_source=self.ops.tracing.traceparent if self.ops and self.ops.tracing else None,
         )
         sync_pb2_grpc.add_SyncServiceServicer_to_server(servicer, server)
         # Commits of other instances (PostgreSQL) wake this one's Subscribe streams at once.
@@ -95,11 +120,19 @@ class SyncApp(ServiceApp):
         return health_servicer
 
     async def _run_relay(self, health_servicer: health.aio.HealthServicer) -> None:
+        try:
+            await self._relay(health_servicer)
+        except Exception:
+            # Said now, in the log and the relay's health, not as a traceback at SIGTERM.
+            log.exception("the audit relay stopped: audit events stay in the outbox")
+            await health_servicer.set(RELAY_HEALTH_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _relay(self, health_servicer: health.aio.HealthServicer) -> None:
         auth = self.config.auth
         token = ServiceToken(
             secret=self.config.jwt_secret,
             token_file=self.config.service_token_file,
-            audience=auth.audience if auth else "fieldsync",
+            audience=auth.service_audience if auth else DEFAULT_SERVICE_AUDIENCE,
             issuer=auth.issuer if auth else None,
         )
 
@@ -115,6 +148,8 @@ class SyncApp(ServiceApp):
             self.storage,
             self.config.audit_addr,
             token,
+            tls=self.config.audit_tls(),
+            tracing=self.ops.tracing if self.ops else None,
             batch_size=self.config.relay_batch_size,
             max_backoff=self.config.relay_max_backoff_seconds,
             on_health=on_health,
@@ -159,7 +194,22 @@ class SyncApp(ServiceApp):
 async def serve(config: SyncConfig) -> None:
     # Signals first: a SIGTERM during startup (migrations) still ends gracefully.
     stop = stop_event()
+    ops = Operations.start(
+        "fieldsync-sync",
+        tls=config.server_tls(),
+        metrics=SyncMetrics() if config.metrics_addr else None,
+        metrics_addr=config.metrics_addr,
+        log_calls=config.log_calls,
+        tracing=config.tracing,
+    )
+    audit_tls = config.audit_tls()
+    if audit_tls is not None and config.relay_enabled:
+        audit_tls.credentials()  # bad files are a start error, not a relay that never connects
     app = SyncApp.from_config(config)
+    app.ops = ops
+    if ops.metrics is not None:
+        app.applier.observer = WriteMetrics(ops.metrics, app.applier.schema)
+        ops.metrics.watch_outbox(app.storage.outbox_depth)
     tune_gc()
     await run_until_stopped(app, stop, log, "sync service")
     if app.servicer is not None:
@@ -171,4 +221,5 @@ async def serve(config: SyncConfig) -> None:
     await app.subscriptions_ended(config.shutdown_grace_seconds)
     await app.stop_relay()
     app.close()
+    ops.close()
     log.info("stopped")

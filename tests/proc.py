@@ -72,7 +72,11 @@ def free_port() -> int:
         return port
 
 
-def fast_reconnect_channel(address: str) -> grpc.Channel:
+def fast_reconnect_channel(
+    address: str, credentials: grpc.ChannelCredentials | None = None
+) -> grpc.Channel:
+    if credentials is not None:
+        return grpc.secure_channel(address, credentials, options=_FAST_RECONNECT)
     return grpc.insecure_channel(address, options=_FAST_RECONNECT)
 
 
@@ -95,6 +99,8 @@ class SyncProcess:
     popen: subprocess.Popen[bytes]
     _stderr_file: IO[bytes] = field(repr=False)
     module: str = "sync_service"
+    credentials: grpc.ChannelCredentials | None = field(default=None, repr=False)
+    """How to reach a service that serves TLS (None: plaintext)."""
 
     @property
     def pid(self) -> int:
@@ -134,7 +140,7 @@ class SyncProcess:
                 raise TimeoutError(f"not SERVING within {timeout}s: {self.describe()}")
             return left
 
-        with fast_reconnect_channel(self.address) as channel:
+        with fast_reconnect_channel(self.address, self.credentials) as channel:
             wait_until_serving(channel, ["", _SERVICE_NAMES[self.module]], time_left, self.popen)
 
     def wait(self, timeout: float = STOP_TIMEOUT) -> int:
@@ -179,7 +185,7 @@ def _service_env(
     module: str, address: str, db_url: str, secret: str, extra: Mapping[str, str]
 ) -> dict[str, str]:
     # Nothing from the developer's own FIELDSYNC_* settings leaks into the test.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDSYNC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FIELDSYNC_", "OTEL_"))}
     env.update({"FIELDSYNC_JWT_SECRET": secret, "PYTHONUNBUFFERED": "1"})
     if module == "sync_service":
         env["FIELDSYNC_SYNC_ADDR"] = address
@@ -200,13 +206,23 @@ def start_sync_service(
     secret: str = SECRET,
     env: Mapping[str, str] | None = None,
     ready_timeout: float = READY_TIMEOUT,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> SyncProcess:
     """Start the service on a fresh port; return once its health check says SERVING.
 
     `env` adds or overrides FIELDSYNC_* settings (e.g. FIELDSYNC_SHUTDOWN_GRACE).
-    The process runs in `log_dir`, which also holds its stderr file.
+    The process runs in `log_dir`, which also holds its stderr file. A service
+    serving TLS is probed with `credentials`.
     """
-    return _start("sync_service", db_url, log_dir, secret=secret, env=env, ready=ready_timeout)
+    return _start(
+        "sync_service",
+        db_url,
+        log_dir,
+        secret=secret,
+        env=env,
+        ready=ready_timeout,
+        credentials=credentials,
+    )
 
 
 def start_audit_service(
@@ -217,6 +233,7 @@ def start_audit_service(
     secret: str = SECRET,
     env: Mapping[str, str] | None = None,
     ready_timeout: float = READY_TIMEOUT,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> SyncProcess:
     """Start `python -m audit_service` (on `address`, or a fresh port) until SERVING."""
     return _start(
@@ -227,6 +244,7 @@ def start_audit_service(
         env=env,
         ready=ready_timeout,
         address=address,
+        credentials=credentials,
     )
 
 
@@ -239,6 +257,7 @@ def _start(
     env: Mapping[str, str] | None,
     ready: float,
     address: str | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> SyncProcess:
     log_dir.mkdir(parents=True, exist_ok=True)
     address = address or f"127.0.0.1:{free_port()}"
@@ -257,7 +276,9 @@ def _start(
     except BaseException:
         stderr_file.close()
         raise
-    proc = SyncProcess(address, db_url, secret, stderr_path, popen, stderr_file, module)
+    proc = SyncProcess(
+        address, db_url, secret, stderr_path, popen, stderr_file, module, credentials
+    )
     try:
         proc.wait_until_serving(ready)
     except BaseException:

@@ -38,6 +38,7 @@ class MutationIn:
     client_time: int | None = None  # nanoseconds
     base_fields: Fields = field(default_factory=dict)
     resolves_conflict_id: str = ""
+    invalid: str = ""  # why the wire mutation cannot be read (it is rejected), if it cannot
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,9 @@ class BatchIn:
     client_id: str
     schema_version: int
     mutations: list[MutationIn]
+    traceparent: str | None = None
+    """With tracing on, the W3C trace context of the call that sent the batch: its
+    audit events carry it through the outbox (fieldsync.tracing)."""
 
 
 @dataclass(slots=True)

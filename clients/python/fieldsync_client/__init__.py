@@ -21,6 +21,7 @@ from ._errors import (
     SyncUnauthenticated,
     SyncUnavailable,
 )
+from ._tls import tls_credentials
 from ._types import Conflict, FieldConflict, QueuedMutation, Record, SyncReport
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "SyncUnauthenticated",
     "SyncUnavailable",
     "Timestamp",
+    "tls_credentials",
 ]
