@@ -15,26 +15,49 @@ Per field the mutation writes (policy in the schema):
                                           yes, = yours  -> nothing to do
                                           yes, other    -> merge: conflict (theirs kept)
                                                            lww:   yours, overwrite recorded
-                                                           text:  character merge of both
-                                                                  edits; conflict if they overlap
+                                                           text:  merge of both sides'
+                                                                  edits, never a conflict
+                                                                  (sync_service.textmerge)
 
 A field changed since base only by the same client is not "another writer"
 (a client queues several edits to one record on the base it last saw).
+
+Text fields (policy text) may come as operations (`text_edits`) instead of a
+value. Both forms are edits of the text the client had when it made them: its
+`base_fields` value if sent, else the value at base_version followed by the
+client's own later changes of that field, as it sent them. That text is where
+the history says the client's latest own change left it: a change whose merge
+differs from what the client sent also records the client's text, under
+`SENT + field` in its `old` (see `Decision.sent_texts`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
-from fieldsync.values import Fields, FieldValue, same
+from fieldsync.textops import TextOp, TextOpsError, apply_ops, ops_to_json
+from fieldsync.values import Fields, FieldValue, Json, same
 from sync_service.schema import Policy
-from sync_service.textmerge import merge_text
+from sync_service.textmerge import Edit, TextMerge, edits_from_ops, merge_ops, merge_text
 
 DELETED = "_deleted"
 """The pseudo-field for a record's existence; schema field names cannot start with '_'."""
+
+SENT = "_sent:"
+"""Prefix, in a change's `old`, of the text a client sent when the change merged it."""
+
+
+class TextEditsInvalid(Exception):
+    """Operations that do not cover the text they apply to (field, why)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
 
 
 class Op(IntEnum):
@@ -129,6 +152,17 @@ class DuplicateTransition:
     earlier_client_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class TextOverlap:
+    """A text field whose two sides' edits overlapped, merged all the same."""
+
+    field: str
+    base: str  # the text the client edited
+    yours: str
+    theirs: str
+    merged: str
+
+
 @dataclass(slots=True)  # not frozen: built per mutation, and frozen init costs 4x
 class Decision:
     outcome: Outcome
@@ -137,10 +171,22 @@ class Decision:
     collisions: Sequence[FieldCollision] = ()
     overwrites: Sequence[Overwrite] = ()
     duplicates: Sequence[DuplicateTransition] = ()
+    text_overlaps: Sequence[TextOverlap] = ()
+    # The client's own text of a field whose merge differs from it: stored with the
+    # change (under SENT + field), so the client's next edit on the same base applies
+    # to the text it had.
+    sent_texts: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def changes_record(self) -> bool:
         return bool(self.updates)
+
+
+class _Unknown:
+    """A value pruned history no longer holds."""
+
+
+UNKNOWN = _Unknown()
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +222,24 @@ class _History:
 
     def _last_change(self, name: str) -> int:
         return self.state.field_versions.get(name, 0)
+
+    def client_text(self, name: str) -> FieldValue | _Unknown:
+        """The field as this client last had it: at base_version, then its own later
+        changes as it sent them (UNKNOWN when pruned history hides it)."""
+        changes = self.changes
+        for i in range(len(changes) - 1, -1, -1):
+            ch = changes[i]
+            if ch.client_id != self.client_id or name not in ch.old:
+                continue
+            if SENT + name in ch.old:
+                return ch.old[SENT + name]
+            for later in changes[i + 1 :]:  # the value this change left
+                if name in later.old:
+                    return later.old[name]
+            return self.theirs(name)
+        if not self.complete and self._last_change(name) > self.base_version:
+            return UNKNOWN
+        return self.base(name)
 
     def other_change(self, name: str) -> Change | None:
         """The latest change to `name` since base by another client, if any."""
@@ -237,6 +301,8 @@ def decide(
     policies: Mapping[str, Policy],
     state_fields: frozenset[str] = frozenset(),
     all_lww: bool = False,
+    text_edits: Mapping[str, Sequence[TextOp]] | None = None,
+    base_texts: Mapping[str, FieldValue] | None = None,
 ) -> Decision:
     """Decide what `op` with `writes` on `base_version` does to the record.
 
@@ -244,16 +310,54 @@ def decide(
     field: None for those it clears); ignored for DELETE. `changes` are the
     record's committed versions above base_version, in ascending order (the
     caller checked that base_version <= state.version). Fields not in
-    `policies` default to merge.
+    `policies` default to merge. `text_edits` are text fields written as
+    operations (not also in `writes`), `base_texts` the client's base values
+    (`base_fields`) of text fields. Raises TextEditsInvalid when operations do
+    not cover the text they apply to.
     """
-    if base_version >= state.history_floor and (
+    quiet = base_version >= state.history_floor and (
         not changes or all(c.client_id == client_id for c in changes)
-    ):
+    )
+    if quiet and not text_edits:
         return _decide_quiet(op, writes, state)
     hist = _History(state, base_version, client_id, sorted(changes, key=lambda c: c.version))
+    texts: dict[str, tuple[str, list[Edit]]] = {}
+    if text_edits:
+        writes = {**writes, **_texts_from_ops(hist, text_edits, base_texts or {}, texts)}
+        if quiet:
+            return _decide_quiet(op, writes, state)
     if op is Op.DELETE:
         return _decide_delete(hist, all_lww)
-    return _decide_write(hist, op, writes, policies, state_fields, all_lww)
+    return _decide_write(hist, op, writes, policies, state_fields, all_lww, texts, base_texts or {})
+
+
+def _texts_from_ops(
+    hist: _History,
+    text_edits: Mapping[str, Sequence[TextOp]],
+    base_texts: Mapping[str, FieldValue],
+    texts: dict[str, tuple[str, list[Edit]]],
+) -> Fields:
+    """Each field's operations applied to the text the client had (see the module
+    docstring); ``texts`` receives that text and the edits, for the merge."""
+    out: Fields = {}
+    for name, ops in text_edits.items():
+        ancestor = base_texts[name] if name in base_texts else hist.client_text(name)
+        if isinstance(ancestor, _Unknown):
+            # Pruned history: the text cannot be built, so the operations themselves
+            # are what a conflict keeps (SPEC §1: never a silent overwrite).
+            out[name] = Json(json.dumps(ops_to_json(ops), ensure_ascii=False))
+            continue
+        if ancestor is None:
+            ancestor = ""
+        if not isinstance(ancestor, str):
+            raise TextEditsInvalid(name, "the field does not hold text")
+        try:
+            edits = edits_from_ops(ancestor, ops)
+            out[name] = apply_ops(ancestor, ops)
+        except TextOpsError as e:
+            raise TextEditsInvalid(name, str(e)) from None
+        texts[name] = (ancestor, edits)
+    return out
 
 
 def _decide_quiet(op: Op, writes: Mapping[str, FieldValue], state: RecordView) -> Decision:
@@ -300,10 +404,12 @@ def _fields_changed_by_others(hist: _History) -> list[tuple[str, Change]]:
     names: set[str] = set()
     for ch in hist.changes:
         if ch.client_id != hist.client_id:
-            names.update(n for n in ch.old if n != DELETED)
+            names.update(n for n in ch.old if not n.startswith("_"))
     if not hist.complete:
         versions = hist.state.field_versions
-        names.update(n for n, v in versions.items() if v > hist.base_version and n != DELETED)
+        names.update(
+            n for n, v in versions.items() if v > hist.base_version and not n.startswith("_")
+        )
     out = []
     for name in sorted(names):
         change = hist.moved(name)
@@ -319,6 +425,8 @@ def _decide_write(
     policies: Mapping[str, Policy],
     state_fields: frozenset[str],
     all_lww: bool,
+    texts: Mapping[str, tuple[str, list[Edit]]],
+    base_texts: Mapping[str, FieldValue],
 ) -> Decision:
     deleted_by = hist.other_change(DELETED) if hist.theirs(DELETED) else None
     if deleted_by is not None and not all_lww:
@@ -341,6 +449,8 @@ def _decide_write(
     collisions: list[FieldCollision] = []
     overwrites: list[Overwrite] = []
     duplicates: list[DuplicateTransition] = []
+    overlaps: list[TextOverlap] = []
+    sent: dict[str, str] = {}
     if hist.theirs(DELETED):
         updates[DELETED] = False
         if deleted_by is not None:  # all-lww collection: the write wins over the delete
@@ -382,10 +492,16 @@ def _decide_write(
             overwrites.append(Overwrite(name, theirs, yours, hist.writer(name).mutation_id))
             continue
         if policy is Policy.TEXT:
-            merged = _merge_text(hist, name, yours, theirs)
+            merged = _merge_text(hist, name, yours, theirs, texts, base_texts)
             if merged is not None:
-                if not same(merged, theirs):
-                    updates[name] = merged
+                ancestor, m = merged
+                assert isinstance(yours, str)  # _merge_text checked it
+                if not same(m.text, theirs):
+                    updates[name] = m.text
+                if m.overlapped:
+                    overlaps.append(TextOverlap(name, ancestor, yours, str(theirs or ""), m.text))
+                if m.text != yours:
+                    sent[name] = yours
                 continue
         collisions.append(FieldCollision(name, hist.base(name), yours, theirs))
 
@@ -399,24 +515,45 @@ def _decide_write(
             collisions=collisions,
             overwrites=overwrites,
             duplicates=duplicates,
+            text_overlaps=overlaps,
+            sent_texts=sent,
         )
-    return Decision(_outcome(hist), updates, overwrites=overwrites, duplicates=duplicates)
+    return Decision(
+        _outcome(hist),
+        updates,
+        overwrites=overwrites,
+        duplicates=duplicates,
+        text_overlaps=overlaps,
+        sent_texts=sent,
+    )
 
 
-def _merge_text(hist: _History, name: str, yours: FieldValue, theirs: FieldValue) -> str | None:
-    """Both sides' edits of a text field, merged character by character; None: they overlap.
-
-    Only with a known base: after pruned history the base is unknown, and a
-    guessed one could drop an edit, so that stays a conflict.
-    """
-    base = hist.base(name)
-    if base is None and hist.complete:
-        base = ""  # the field did not exist at the base: both sides inserted text
-    if not (isinstance(base, str) and isinstance(yours, str) and isinstance(theirs, str)):
-        return None
+def _merge_text(
+    hist: _History,
+    name: str,
+    yours: FieldValue,
+    theirs: FieldValue,
+    texts: Mapping[str, tuple[str, list[Edit]]],
+    base_texts: Mapping[str, FieldValue],
+) -> tuple[str, TextMerge] | None:
+    """Both sides' edits of a text field merged: (the text the client edited, the
+    merge). None (a conflict) only after pruned history, when the base is unknown and a
+    guessed one could drop an edit (SPEC §1), or for a value that is not text."""
     if not hist.complete:
         return None
-    return merge_text(base, yours, theirs)
+    if theirs is None:
+        theirs = ""  # the field is absent on the server: nothing of theirs to keep
+    if not (isinstance(yours, str) and isinstance(theirs, str)):
+        return None
+    if name in texts:
+        ancestor, edits = texts[name]
+        return ancestor, merge_ops(ancestor, edits, theirs)
+    base = base_texts[name] if name in base_texts else hist.client_text(name)
+    if base is None:
+        base = ""  # the field did not exist at the base: both sides inserted text
+    if not isinstance(base, str):
+        return None
+    return base, merge_text(base, yours, theirs)
 
 
 def _outcome(hist: _History) -> Outcome:
