@@ -40,10 +40,21 @@ from fieldsync.errors import (
     PermissionDenied,
     Reason,
 )
-from fieldsync.values import Fields, FieldValue
+from fieldsync.jsontext import dumps
+from fieldsync.textops import TextOp, ops_to_json
+from fieldsync.values import Fields, FieldValue, Json
 from sync_service.decode import Repair, WarningCode, apply_defaults, decode_fields
 from sync_service.events import make_event
-from sync_service.merge import DELETED, Change, Decision, Op, Outcome, decide
+from sync_service.merge import (
+    DELETED,
+    SENT,
+    Change,
+    Decision,
+    Op,
+    Outcome,
+    TextEditsInvalid,
+    decide,
+)
 from sync_service.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome, Status
 from sync_service.schema import CollectionSpec, Policy, Schema
 from sync_service.storage.base import (
@@ -59,6 +70,7 @@ from sync_service.storage.base import (
     WriteConflict,
     WriteTx,
 )
+from sync_service.textedits import check_text_edits, invalid
 
 log = logging.getLogger("fieldsync.sync")
 
@@ -461,6 +473,7 @@ class _BatchRun:
         outcome.mutation_id = stored.mutation_id
         outcome.original_status = Status(p["s"])
         outcome.duplicate_transition = bool(p.get("dt"))
+        outcome.text_overlaps = list(p.get("to", []))
         outcome.warnings = [Repair(WarningCode(c), f, msg) for c, f, msg in p.get("w", [])]
         if p.get("e"):
             outcome.error = _error_from_payload(p["e"])
@@ -498,9 +511,20 @@ class _BatchRun:
         op = _OPS[m.op]  # _validate checked it
         writes: Fields = {}
         repairs: list[Repair] = []
+        edits: dict[str, Sequence[TextOp]] = {}
+        base_texts: Fields = {}
+        if m.text_edits or m.text_edits_error:
+            if m.text_edits_error:
+                raise InvalidArgument(Reason.TEXT_EDITS_INVALID, m.text_edits_error)
+            if op is Op.DELETE:
+                raise InvalidArgument(Reason.TEXT_EDITS_INVALID, "a DELETE takes no text_edits")
+            edits, base_texts, repairs = check_text_edits(
+                spec, m.text_edits, m.fields, m.base_fields
+            )
         if op is not Op.DELETE:
-            writes, repairs = decode_fields(spec, m.fields)
-            if m.fields and not writes:
+            writes, more = decode_fields(spec, m.fields)
+            repairs.extend(more)
+            if (m.fields or m.text_edits) and not writes and not edits:
                 return self._reject(
                     m,
                     InvalidArgument(
@@ -511,6 +535,7 @@ class _BatchRun:
                 )
             if op is Op.PUT or rec.deleted:
                 present = {**(rec.fields if op is Op.PATCH else {}), **writes}
+                present.update(dict.fromkeys(edits, ""))  # written, as operations
                 defaulted = apply_defaults(spec, present)
                 repairs.extend(defaulted)
                 for r in defaulted:
@@ -520,28 +545,42 @@ class _BatchRun:
                 # (A PUT on base 0 is a create: it says nothing of fields it leaves out.)
                 writes = {name: writes.get(name) for name in spec.fields}
 
+            for name in edits:
+                writes.pop(name, None)  # a PUT's "every field": these come as operations
         changes = [c for c in self.changes[key] if c.version > m.base_version]
-        decision = decide(
-            op,
-            writes,
-            state=rec,
-            base_version=m.base_version,
-            client_id=self.client.client_id,
-            changes=changes,
-            policies=rules.policies,
-            state_fields=rules.state_fields,
-            all_lww=rules.all_lww,
-        )
+        try:
+            decision = decide(
+                op,
+                writes,
+                state=rec,
+                base_version=m.base_version,
+                client_id=self.client.client_id,
+                changes=changes,
+                policies=rules.policies,
+                state_fields=rules.state_fields,
+                all_lww=rules.all_lww,
+                text_edits=edits,
+                base_texts=base_texts,
+            )
+        except TextEditsInvalid as e:
+            return self._reject(m, invalid(e.field, e.message), repairs)
         rec = self._stage_record(m, rec, decision)
         outcome = MutationOutcome(m.mutation_id, m.client_seq, _STATUS[decision.outcome])
         outcome.record = rec
         outcome.warnings = repairs
         outcome.duplicate_transition = bool(decision.duplicates)
+        outcome.text_overlaps = [o.field for o in decision.text_overlaps]
         if decision.collisions:
             outcome.conflict = self._stage_conflict(m, rec, decision)
         if m.resolves_conflict_id:
             self._stage_resolution(m, outcome)
-        if repairs or decision.collisions or decision.overwrites or decision.duplicates:
+        if (
+            repairs
+            or decision.collisions
+            or decision.overwrites
+            or decision.duplicates
+            or decision.text_overlaps
+        ):
             self._stage_events(m, outcome, decision)
         return outcome
 
@@ -597,6 +636,9 @@ class _BatchRun:
                 fields.pop(name, None)
             else:
                 fields[name] = value
+        for name, text in d.sent_texts.items():
+            if name in d.updates:
+                old[SENT + name] = text
         client_id = self.client.client_id
         new = StoredRecord(
             rec.tenant_id,
@@ -758,6 +800,15 @@ class _BatchRun:
                 },
             )
 
+        for t in d.text_overlaps:
+            self._event(
+                EventKind.TEXT_OVERLAP_MERGED,
+                m,
+                field=t.field,
+                message=f"{t.field}: both sides edited the same passage; both edits were kept",
+                details={"base": t.base, "yours": t.yours, "theirs": t.theirs, "merged": t.merged},
+            )
+
     def _event(
         self,
         kind: EventKind,
@@ -805,7 +856,15 @@ class _BatchRun:
             m,
             code=str(err.reason),
             message=err.message,
-            details={"op": m.op, "base_version": m.base_version, **_prefixed(m.fields)},
+            details={
+                "op": m.op,
+                "base_version": m.base_version,
+                **_prefixed(m.fields),
+                **{
+                    f"text_edits.{k}": Json(dumps(ops_to_json(ops)))
+                    for k, ops in m.text_edits.items()
+                },
+            },
         )
         return outcome
 
@@ -813,6 +872,8 @@ class _BatchRun:
         payload: dict[str, Any] = {"s": int(o.status)}
         if o.duplicate_transition:
             payload["dt"] = True
+        if o.text_overlaps:
+            payload["to"] = o.text_overlaps
         if o.warnings:
             payload["w"] = [[str(r.code), r.field, r.message] for r in o.warnings]
         if o.error is not None:

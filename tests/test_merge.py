@@ -20,6 +20,7 @@ from fieldsync.textops import Delete, Insert, Retain, TextOp, normalize
 from fieldsync.values import FieldValue, Json, same
 from sync_service.merge import (
     DELETED,
+    SENT,
     Change,
     ConflictKind,
     Decision,
@@ -28,7 +29,6 @@ from sync_service.merge import (
     Op,
     Outcome,
     Overwrite,
-    SENT,
     RecordState,
     TextEditsInvalid,
     TextOverlap,

@@ -79,7 +79,7 @@ def test_an_identical_edit_applies_once_and_is_no_overlap() -> None:
     base = "teh cat sat on the mat"
     m = merge_text(base, "the cat sat on the mat.", "the cat sat on a mat")
     assert (m.text, m.overlapped) == ("the cat sat on a mat.", False)
-    ops = [Retain(4), Insert("black "), Retain(18)]
+    ops: list[TextOp] = [Retain(4), Insert("black "), Retain(18)]
     same = edits_from_ops(base, ops)
     assert merge(base, same, same).text == "teh black cat sat on the mat"
     # A shared change the cleanup reads differently on the two sides still comes out once.
@@ -113,7 +113,7 @@ def test_only_one_side_changed() -> None:
 
 def test_emoji_beyond_the_bmp_are_one_code_point() -> None:
     base = "I 🎉 you"
-    ops = [Retain(2), Delete(1), Insert("🚀"), Retain(4)]  # positions count code points
+    ops: list[TextOp] = [Retain(2), Delete(1), Insert("🚀"), Retain(4)]  # code points
     assert apply_ops(base, ops) == "I 🚀 you"
     m = merge(base, edits_from_ops(base, ops), diff(base, "I 🎉 you 👍🏽"))
     assert m.text == "I 🚀 you 👍🏽"
@@ -156,7 +156,7 @@ def test_a_1_mb_page_with_a_keystroke_on_each_side() -> None:
     m = merge_text(base, yours, theirs)
     assert m.text == base[:1000] + "Y" + base[1000:900_000] + base[900_001:]
     assert converges(base, yours, theirs, m)
-    ops = [Retain(500_000), Insert("Z"), Retain(len(base) - 500_000)]
+    ops: list[TextOp] = [Retain(500_000), Insert("Z"), Retain(len(base) - 500_000)]
     m = merge(base, edits_from_ops(base, ops), diff(base, theirs))
     assert m.text == base[:500_000] + "Z" + base[500_000:900_000] + base[900_001:]
 
