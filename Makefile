@@ -9,7 +9,7 @@ PROTOS := $(wildcard protos/fieldsync/v1/*.proto)
 GEN_STAMP := fieldsync/v1/.generated-stamp
 RUN_DIR := .run
 
-.PHONY: install gen check-gen run demo test lint fmt proto-lint clean
+.PHONY: install gen check-gen run demo test soak-text lint fmt proto-lint clean
 
 install: $(STAMP) $(GEN_STAMP)
 
@@ -40,6 +40,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Issue 16's acceptance run: 8 clients editing one page for 30 s, on SQLite and on three
+# PostgreSQL instances (FIELDSYNC_TEST_PG_URL); `make test` runs the same for 2 s.
+soak-text: install
+	FIELDSYNC_TEXT_SOAK_SECONDS=30 $(PY) -m pytest -q tests/test_text_soak.py
 
 lint: install
 	$(PY) -m ruff check .

@@ -374,6 +374,10 @@ class _BatchRun:
     result_keys: dict[int, tuple[str, str]] = field(default_factory=dict)  # seq -> its record
     writable: dict[str, _CollectionRules] = field(default_factory=dict)  # checked for the caller
     batch_first_seq: int = 0  # the first sequence the batch being applied may apply
+    # (collection, record_id, field) -> (base_version, text): the text this client had
+    # after its latest text_edits of that field here, for its next edit on the same base
+    # (history has it only when the edit changed the record, see merge.SENT).
+    client_texts: dict[tuple[str, str, str], tuple[int, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.now = self.applier._clock()
@@ -547,6 +551,10 @@ class _BatchRun:
 
             for name in edits:
                 writes.pop(name, None)  # a PUT's "every field": these come as operations
+        for name in edits:
+            had = self.client_texts.get((*key, name))
+            if had is not None and had[0] == m.base_version and name not in base_texts:
+                base_texts[name] = had[1]
         changes = [c for c in self.changes[key] if c.version > m.base_version]
         try:
             decision = decide(
@@ -564,6 +572,8 @@ class _BatchRun:
             )
         except TextEditsInvalid as e:
             return self._reject(m, invalid(e.field, e.message), repairs)
+        for name, text in decision.edited_texts.items():
+            self.client_texts[(*key, name)] = (m.base_version, text)
         rec = self._stage_record(m, rec, decision)
         outcome = MutationOutcome(m.mutation_id, m.client_seq, _STATUS[decision.outcome])
         outcome.record = rec

@@ -176,6 +176,8 @@ class Decision:
     # change (under SENT + field), so the client's next edit on the same base applies
     # to the text it had.
     sent_texts: Mapping[str, str] = field(default_factory=dict)
+    # The text each field's text_edits made of the client's text (what it now shows).
+    edited_texts: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def changes_record(self) -> bool:
@@ -322,13 +324,20 @@ def decide(
         return _decide_quiet(op, writes, state)
     hist = _History(state, base_version, client_id, sorted(changes, key=lambda c: c.version))
     texts: dict[str, tuple[str, list[Edit]]] = {}
-    if text_edits:
-        writes = {**writes, **_texts_from_ops(hist, text_edits, base_texts or {}, texts)}
-        if quiet:
-            return _decide_quiet(op, writes, state)
-    if op is Op.DELETE:
-        return _decide_delete(hist, all_lww)
-    return _decide_write(hist, op, writes, policies, state_fields, all_lww, texts, base_texts or {})
+    if not text_edits:
+        if op is Op.DELETE:
+            return _decide_delete(hist, all_lww)
+        return _decide_write(hist, op, writes, policies, state_fields, all_lww, texts, {})
+    edited = _texts_from_ops(hist, text_edits, base_texts or {}, texts)
+    writes = {**writes, **edited}
+    if quiet:
+        d = _decide_quiet(op, writes, state)
+    else:
+        d = _decide_write(
+            hist, op, writes, policies, state_fields, all_lww, texts, base_texts or {}
+        )
+    d.edited_texts = {n: t for n, t in edited.items() if isinstance(t, str)}
+    return d
 
 
 def _texts_from_ops(
