@@ -1,7 +1,7 @@
 """Text operations (SPEC §3, §9 ``TextEdit``): retain n / insert s / delete n, in code points.
 
 What lives here: the plain form of one edit of a text (:data:`TextOp`), applying and
-checking a list of them, a linear diff that turns (old text, new text) into them, and their
+checking a list of them, a diff that turns (old text, new text) into them, and their
 JSON form (a client's queue, the audit). Shared by the client SDK and the sync service; no
 I/O, no protobuf. The three-way merge of concurrent edits is the server's
 (``sync_service.textmerge``).
@@ -18,6 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+from diff_match_patch import diff_match_patch
+
 __all__ = [
     "Delete",
     "Insert",
@@ -26,6 +28,7 @@ __all__ = [
     "TextOpsError",
     "apply_ops",
     "check_ops",
+    "compose",
     "diff_ops",
     "normalize",
     "ops_from_json",
@@ -125,30 +128,71 @@ def normalize(ops: Iterable[TextOp]) -> list[TextOp]:
     return out
 
 
-def diff_ops(old: str, new: str) -> list[TextOp]:
-    """Operations that turn ``old`` into ``new``: the common prefix and suffix kept, the
-    middle replaced. Linear time; exact for one typed or pasted change (what an editor
-    reports between two keystrokes), coarse for many scattered ones (still correct).
-    ``[]`` when the texts are equal."""
+def compose(first: Sequence[TextOp], then: Sequence[TextOp]) -> list[TextOp]:
+    """One list doing ``first`` then ``then`` (``then`` covers ``first``'s result); ``[]``
+    stands for "no change" on either side. TextOpsError when they do not fit together."""
+    if not first:
+        return list(then)
+    if not then:
+        return list(first)
+    out: list[TextOp] = []
+    a, b = list(first), list(then)
+    i = j = 0
+    a_left = b_left = 0  # what is left of a[i] / b[j] (counts, or insert length)
+    while i < len(a) or j < len(b):
+        if i < len(a) and isinstance(a[i], Delete):
+            out.append(a[i])
+            i += 1
+            continue
+        if j < len(b) and isinstance(b[j], Insert):
+            out.append(b[j])
+            j += 1
+            continue
+        if i >= len(a) or j >= len(b):
+            raise TextOpsError("the second operations do not cover the first's result")
+        x, y = a[i], b[j]
+        xn = (len(x.text) if isinstance(x, Insert) else x.n) - a_left
+        yn = y.n - b_left  # type: ignore[union-attr]  # a retain or delete here
+        k = min(xn, yn)
+        if isinstance(y, Retain):
+            if isinstance(x, Insert):
+                start = len(x.text) - xn
+                out.append(Insert(x.text[start : start + k]))
+            else:
+                out.append(Retain(k))
+        elif not isinstance(x, Insert):  # y deletes what x kept
+            out.append(Delete(k))
+        # (y deleting what x inserted: nothing of it remains)
+        a_left, b_left = a_left + k, b_left + k
+        if k == xn:
+            i, a_left = i + 1, 0
+        if k == yn:
+            j, b_left = j + 1, 0
+    return normalize(out)
+
+
+def diff_ops(old: str, new: str, *, timeout: float = 0.1) -> list[TextOp]:
+    """Operations that turn ``old`` into ``new``: a character diff (diff-match-patch, with
+    its cleanup for human text, so a rewritten word is one replacement), cut short after
+    ``timeout`` seconds into a coarser but still exact one. ``[]`` when they are equal.
+
+    A client-side helper: the server applies the operations as sent, so how fine they are
+    only decides how closely they merge with others' edits."""
     if old == new:
         return []
-    n = min(len(old), len(new))
-    lo = 0
-    while lo < n and old[lo] == new[lo]:
-        lo += 1
-    hi = 0
-    while hi < n - lo and old[len(old) - 1 - hi] == new[len(new) - 1 - hi]:
-        hi += 1
+    dmp = diff_match_patch()
+    dmp.Diff_Timeout = timeout
+    diffs = dmp.diff_main(old, new)
+    dmp.diff_cleanupSemantic(diffs)
     ops: list[TextOp] = []
-    if lo:
-        ops.append(Retain(lo))
-    if len(new) - hi > lo:
-        ops.append(Insert(new[lo : len(new) - hi]))
-    if len(old) - hi > lo:
-        ops.append(Delete(len(old) - hi - lo))
-    if hi:
-        ops.append(Retain(hi))
-    return ops
+    for kind, text in diffs:
+        if kind == diff_match_patch.DIFF_EQUAL:
+            ops.append(Retain(len(text)))
+        elif kind == diff_match_patch.DIFF_INSERT:
+            ops.append(Insert(text))
+        else:
+            ops.append(Delete(len(text)))
+    return normalize(ops)
 
 
 def ops_to_json(ops: Sequence[TextOp]) -> list[Any]:

@@ -47,7 +47,6 @@ from sync_service.decode import Repair, WarningCode, apply_defaults, decode_fiel
 from sync_service.events import make_event
 from sync_service.merge import (
     DELETED,
-    SENT,
     Change,
     Decision,
     Op,
@@ -374,10 +373,13 @@ class _BatchRun:
     result_keys: dict[int, tuple[str, str]] = field(default_factory=dict)  # seq -> its record
     writable: dict[str, _CollectionRules] = field(default_factory=dict)  # checked for the caller
     batch_first_seq: int = 0  # the first sequence the batch being applied may apply
-    # (collection, record_id, field) -> (base_version, text): the text this client had
-    # after its latest text_edits of that field here, for its next edit on the same base
-    # (history has it only when the edit changed the record, see merge.SENT).
-    client_texts: dict[tuple[str, str, str], tuple[int, str]] = field(default_factory=dict)
+    # (collection, record_id, field) -> (base_version, text, ops, version): the text this
+    # client had after its latest text_edits of that field here and the operations from
+    # it to the field at `version`, for its next edit on the same base (the history
+    # holds that only when the edit changed the record, see sync_service.merge).
+    client_texts: dict[tuple[str, str, str], tuple[int, str, list[TextOp], int]] = field(
+        default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         self.now = self.applier._clock()
@@ -551,10 +553,11 @@ class _BatchRun:
 
             for name in edits:
                 writes.pop(name, None)  # a PUT's "every field": these come as operations
+        points: dict[str, tuple[str, list[TextOp], int]] = {}
         for name in edits:
             had = self.client_texts.get((*key, name))
-            if had is not None and had[0] == m.base_version and name not in base_texts:
-                base_texts[name] = had[1]
+            if had is not None and had[0] == m.base_version:
+                points[name] = had[1:]
         changes = [c for c in self.changes[key] if c.version > m.base_version]
         try:
             decision = decide(
@@ -569,12 +572,13 @@ class _BatchRun:
                 all_lww=rules.all_lww,
                 text_edits=edits,
                 base_texts=base_texts,
+                points=points,
             )
         except TextEditsInvalid as e:
             return self._reject(m, invalid(e.field, e.message), repairs)
-        for name, text in decision.edited_texts.items():
-            self.client_texts[(*key, name)] = (m.base_version, text)
         rec = self._stage_record(m, rec, decision)
+        for name, (text, to_value) in decision.points.items():
+            self.client_texts[(*key, name)] = (m.base_version, text, to_value, rec.version)
         outcome = MutationOutcome(m.mutation_id, m.client_seq, _STATUS[decision.outcome])
         outcome.record = rec
         outcome.warnings = repairs
@@ -646,9 +650,9 @@ class _BatchRun:
                 fields.pop(name, None)
             else:
                 fields[name] = value
-        for name, text in d.sent_texts.items():
-            if name in d.updates:
-                old[SENT + name] = text
+        for note, value in d.history_notes.items():
+            if note.split(":", 1)[1] in d.updates:
+                old[note] = value
         client_id = self.client.client_id
         new = StoredRecord(
             rec.tenant_id,

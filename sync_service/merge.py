@@ -25,10 +25,16 @@ A field changed since base only by the same client is not "another writer"
 Text fields (policy text) may come as operations (`text_edits`) instead of a
 value. Both forms are edits of the text the client had when it made them: its
 `base_fields` value if sent, else the value at base_version followed by the
-client's own later changes of that field, as it sent them. That text is where
-the history says the client's latest own change left it: a change whose merge
-differs from what the client sent also records the client's text, under
-`SENT + field` in its `old` (see `Decision.sent_texts`).
+client's own later changes of that field, as it sent them. The other side of
+the merge is what happened to the field since that text, as exact operations
+where the history has them: each change of a text field records, in its `old`,
+the operations from the previous value to the new one (`DELTA + field`), and a
+change that merged a client's edit records the client's text (`SENT + field`)
+and the operations from it to the merge (`OWN + field`). Composed, they take the
+client's text to the server's exactly, so no diff has to guess which character
+is whose. Where a link is missing (a whole value written without a merge: its
+diff against the value before; `base_fields`, or a broken chain: the diff of
+the client's text against the server's) the diff stands in.
 """
 
 from __future__ import annotations
@@ -39,16 +45,36 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
-from fieldsync.textops import TextOp, TextOpsError, apply_ops, ops_to_json
+from fieldsync.textops import (
+    TextOp,
+    TextOpsError,
+    apply_ops,
+    compose,
+    ops_from_json,
+    ops_to_json,
+)
 from fieldsync.values import Fields, FieldValue, Json, same
 from sync_service.schema import Policy
-from sync_service.textmerge import Edit, TextMerge, edits_from_ops, merge_ops, merge_text
+from sync_service.textmerge import (
+    Edit,
+    TextMerge,
+    diff,
+    edits_from_ops,
+    merge,
+    merge_ops,
+    merge_text,
+    ops_from_edits,
+)
 
 DELETED = "_deleted"
 """The pseudo-field for a record's existence; schema field names cannot start with '_'."""
 
 SENT = "_sent:"
 """Prefix, in a change's `old`, of the text a client sent when the change merged it."""
+OWN = "_own:"
+"""Prefix, beside SENT: the operations (JSON) from the client's text to the merge."""
+DELTA = "_delta:"
+"""Prefix, in a change's `old`: the operations (JSON) from the field's old value to its new."""
 
 
 class TextEditsInvalid(Exception):
@@ -172,12 +198,12 @@ class Decision:
     overwrites: Sequence[Overwrite] = ()
     duplicates: Sequence[DuplicateTransition] = ()
     text_overlaps: Sequence[TextOverlap] = ()
-    # The client's own text of a field whose merge differs from it: stored with the
-    # change (under SENT + field), so the client's next edit on the same base applies
-    # to the text it had.
-    sent_texts: Mapping[str, str] = field(default_factory=dict)
-    # The text each field's text_edits made of the client's text (what it now shows).
-    edited_texts: Mapping[str, str] = field(default_factory=dict)
+    # Stored with the change, in its `old`, for fields it updates: SENT/OWN/DELTA + field
+    # (see the module docstring).
+    history_notes: Mapping[str, FieldValue] = field(default_factory=dict)
+    # Per field written with text_edits: the client's text after the edit, and the
+    # operations from it to the field's value after this mutation ([]: the same).
+    points: Mapping[str, tuple[str, list[TextOp]]] = field(default_factory=dict)
 
     @property
     def changes_record(self) -> bool:
@@ -189,6 +215,41 @@ class _Unknown:
 
 
 UNKNOWN = _Unknown()
+
+
+@dataclass(frozen=True, slots=True)
+class _Point:
+    """A text a client had, and how it relates to the server's value at `version`: `ops`
+    take it there ([]: it is that value; None: unknown)."""
+
+    text: str
+    ops: list[TextOp] | None
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class _TextIn:
+    """A field written as operations: the text they apply to, and their edits."""
+
+    point: _Point
+    ops: Sequence[TextOp]
+    edits: list[Edit]
+
+
+def _text(value: FieldValue) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise TextOpsError("the field does not hold text")
+    return value
+
+
+def _ops_of(value: Json) -> list[TextOp]:
+    return ops_from_json(json.loads(value.text))
+
+
+def _ops_json(ops: Sequence[TextOp]) -> Json:
+    return Json(json.dumps(ops_to_json(ops), ensure_ascii=False, separators=(",", ":")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,23 +286,52 @@ class _History:
     def _last_change(self, name: str) -> int:
         return self.state.field_versions.get(name, 0)
 
-    def client_text(self, name: str) -> FieldValue | _Unknown:
+    def client_point(self, name: str, points: Mapping[str, _Point]) -> _Point | _Unknown:
         """The field as this client last had it: at base_version, then its own later
-        changes as it sent them (UNKNOWN when pruned history hides it)."""
+        changes as it sent them; with how it relates to the server's value at some
+        version (UNKNOWN when pruned history hides it)."""
+        if name in points:
+            return points[name]
         changes = self.changes
         for i in range(len(changes) - 1, -1, -1):
             ch = changes[i]
             if ch.client_id != self.client_id or name not in ch.old:
                 continue
             if SENT + name in ch.old:
-                return ch.old[SENT + name]
-            for later in changes[i + 1 :]:  # the value this change left
-                if name in later.old:
-                    return later.old[name]
-            return self.theirs(name)
+                own = ch.old.get(OWN + name)
+                ops = _ops_of(own) if isinstance(own, Json) else None
+                return _Point(_text(ch.old[SENT + name]), ops, ch.version)
+            return _Point(_text(self._after(i, name)), [], ch.version)
         if not self.complete and self._last_change(name) > self.base_version:
             return UNKNOWN
-        return self.base(name)
+        return _Point(_text(self.base(name)), [], self.base_version)
+
+    def _after(self, i: int, name: str) -> FieldValue:
+        """The value changes[i] left in `name`."""
+        for later in self.changes[i + 1 :]:
+            if name in later.old:
+                return later.old[name]
+        return self.theirs(name)
+
+    def ops_since(self, name: str, point: _Point) -> list[TextOp] | None:
+        """Operations from the point's text to the field's value now (None: unknown)."""
+        if point.ops is None or not self.complete:
+            return None
+        ops = point.ops
+        try:
+            for i, ch in enumerate(self.changes):
+                if ch.version <= point.version or name not in ch.old:
+                    continue
+                delta = ch.old.get(DELTA + name)
+                if isinstance(delta, Json):
+                    step = _ops_of(delta)
+                else:  # a whole value written: its diff against the value before
+                    before, after = _text(ch.old[name]), _text(self._after(i, name))
+                    step = ops_from_edits(len(before), diff(before, after))
+                ops = compose(ops, step)
+        except (TextOpsError, ValueError):
+            return None
+        return ops
 
     def other_change(self, name: str) -> Change | None:
         """The latest change to `name` since base by another client, if any."""
@@ -305,6 +395,7 @@ def decide(
     all_lww: bool = False,
     text_edits: Mapping[str, Sequence[TextOp]] | None = None,
     base_texts: Mapping[str, FieldValue] | None = None,
+    points: Mapping[str, tuple[str, Sequence[TextOp], int]] | None = None,
 ) -> Decision:
     """Decide what `op` with `writes` on `base_version` does to the record.
 
@@ -314,8 +405,9 @@ def decide(
     caller checked that base_version <= state.version). Fields not in
     `policies` default to merge. `text_edits` are text fields written as
     operations (not also in `writes`), `base_texts` the client's base values
-    (`base_fields`) of text fields. Raises TextEditsInvalid when operations do
-    not cover the text they apply to.
+    (`base_fields`) of text fields, `points` what this client's earlier
+    edits in the same transaction left (text, operations to the value, version).
+    Raises TextEditsInvalid when operations do not cover the text they apply to.
     """
     quiet = base_version >= state.history_floor and (
         not changes or all(c.client_id == client_id for c in changes)
@@ -323,49 +415,70 @@ def decide(
     if quiet and not text_edits:
         return _decide_quiet(op, writes, state)
     hist = _History(state, base_version, client_id, sorted(changes, key=lambda c: c.version))
-    texts: dict[str, tuple[str, list[Edit]]] = {}
+    texts: dict[str, _TextIn] = {}
+    starts = _starts(base_texts or {}, points or {})
     if not text_edits:
         if op is Op.DELETE:
             return _decide_delete(hist, all_lww)
-        return _decide_write(hist, op, writes, policies, state_fields, all_lww, texts, {})
-    edited = _texts_from_ops(hist, text_edits, base_texts or {}, texts)
+        return _decide_write(hist, op, writes, policies, state_fields, all_lww, texts, starts)
+    edited = _texts_from_ops(hist, text_edits, starts, texts)
     writes = {**writes, **edited}
     if quiet:
         d = _decide_quiet(op, writes, state)
     else:
-        d = _decide_write(
-            hist, op, writes, policies, state_fields, all_lww, texts, base_texts or {}
-        )
-    d.edited_texts = {n: t for n, t in edited.items() if isinstance(t, str)}
+        d = _decide_write(hist, op, writes, policies, state_fields, all_lww, texts, starts)
+    notes = dict(d.history_notes)
+    pts: dict[str, tuple[str, list[TextOp]]] = {}
+    for name, t in texts.items():
+        yours = edited[name]
+        assert isinstance(yours, str)
+        own = notes.get(OWN + name)
+        pts[name] = (yours, _ops_of(own) if isinstance(own, Json) else [])
+        if DELTA + name not in notes and t.point.text == _text_or_none(hist.theirs(name)):
+            notes[DELTA + name] = _ops_json(t.ops)  # applied to the value as it was
+    d.history_notes, d.points = notes, pts
     return d
+
+
+def _text_or_none(value: FieldValue) -> str | None:
+    return "" if value is None else value if isinstance(value, str) else None
+
+
+def _starts(
+    base_texts: Mapping[str, FieldValue], points: Mapping[str, tuple[str, Sequence[TextOp], int]]
+) -> dict[str, _Point]:
+    out = {name: _Point(text, list(ops), v) for name, (text, ops, v) in points.items()}
+    for name, value in base_texts.items():  # the client's word for it: related by diff
+        if value is None or isinstance(value, str):
+            out[name] = _Point(value or "", None, 0)
+    return out
 
 
 def _texts_from_ops(
     hist: _History,
     text_edits: Mapping[str, Sequence[TextOp]],
-    base_texts: Mapping[str, FieldValue],
-    texts: dict[str, tuple[str, list[Edit]]],
+    starts: Mapping[str, _Point],
+    texts: dict[str, _TextIn],
 ) -> Fields:
     """Each field's operations applied to the text the client had (see the module
     docstring); ``texts`` receives that text and the edits, for the merge."""
     out: Fields = {}
     for name, ops in text_edits.items():
-        ancestor = base_texts[name] if name in base_texts else hist.client_text(name)
-        if isinstance(ancestor, _Unknown):
+        try:
+            point = hist.client_point(name, starts)
+        except TextOpsError:
+            raise TextEditsInvalid(name, "the field does not hold text") from None
+        if isinstance(point, _Unknown):
             # Pruned history: the text cannot be built, so the operations themselves
             # are what a conflict keeps (SPEC §1: never a silent overwrite).
-            out[name] = Json(json.dumps(ops_to_json(ops), ensure_ascii=False))
+            out[name] = _ops_json(ops)
             continue
-        if ancestor is None:
-            ancestor = ""
-        if not isinstance(ancestor, str):
-            raise TextEditsInvalid(name, "the field does not hold text")
         try:
-            edits = edits_from_ops(ancestor, ops)
-            out[name] = apply_ops(ancestor, ops)
+            edits = edits_from_ops(point.text, ops)
+            out[name] = apply_ops(point.text, ops)
         except TextOpsError as e:
             raise TextEditsInvalid(name, str(e)) from None
-        texts[name] = (ancestor, edits)
+        texts[name] = _TextIn(point, ops, edits)
     return out
 
 
@@ -434,8 +547,8 @@ def _decide_write(
     policies: Mapping[str, Policy],
     state_fields: frozenset[str],
     all_lww: bool,
-    texts: Mapping[str, tuple[str, list[Edit]]],
-    base_texts: Mapping[str, FieldValue],
+    texts: Mapping[str, _TextIn],
+    starts: Mapping[str, _Point],
 ) -> Decision:
     deleted_by = hist.other_change(DELETED) if hist.theirs(DELETED) else None
     if deleted_by is not None and not all_lww:
@@ -459,7 +572,7 @@ def _decide_write(
     overwrites: list[Overwrite] = []
     duplicates: list[DuplicateTransition] = []
     overlaps: list[TextOverlap] = []
-    sent: dict[str, str] = {}
+    notes: Fields = {}
     if hist.theirs(DELETED):
         updates[DELETED] = False
         if deleted_by is not None:  # all-lww collection: the write wins over the delete
@@ -501,16 +614,18 @@ def _decide_write(
             overwrites.append(Overwrite(name, theirs, yours, hist.writer(name).mutation_id))
             continue
         if policy is Policy.TEXT:
-            merged = _merge_text(hist, name, yours, theirs, texts, base_texts)
+            merged = _merge_text(hist, name, yours, theirs, texts, starts)
             if merged is not None:
                 ancestor, m = merged
                 assert isinstance(yours, str)  # _merge_text checked it
                 if not same(m.text, theirs):
                     updates[name] = m.text
+                    notes[DELTA + name] = _ops_json(m.yours_over_theirs)
                 if m.overlapped:
                     overlaps.append(TextOverlap(name, ancestor, yours, str(theirs or ""), m.text))
                 if m.text != yours:
-                    sent[name] = yours
+                    notes[SENT + name] = yours
+                    notes[OWN + name] = _ops_json(m.theirs_over_yours)
                 continue
         collisions.append(FieldCollision(name, hist.base(name), yours, theirs))
 
@@ -525,7 +640,7 @@ def _decide_write(
             overwrites=overwrites,
             duplicates=duplicates,
             text_overlaps=overlaps,
-            sent_texts=sent,
+            history_notes=notes,
         )
     return Decision(
         _outcome(hist),
@@ -533,7 +648,7 @@ def _decide_write(
         overwrites=overwrites,
         duplicates=duplicates,
         text_overlaps=overlaps,
-        sent_texts=sent,
+        history_notes=notes,
     )
 
 
@@ -542,8 +657,8 @@ def _merge_text(
     name: str,
     yours: FieldValue,
     theirs: FieldValue,
-    texts: Mapping[str, tuple[str, list[Edit]]],
-    base_texts: Mapping[str, FieldValue],
+    texts: Mapping[str, _TextIn],
+    starts: Mapping[str, _Point],
 ) -> tuple[str, TextMerge] | None:
     """Both sides' edits of a text field merged: (the text the client edited, the
     merge). None (a conflict) only after pruned history, when the base is unknown and a
@@ -555,14 +670,25 @@ def _merge_text(
     if not (isinstance(yours, str) and isinstance(theirs, str)):
         return None
     if name in texts:
-        ancestor, edits = texts[name]
-        return ancestor, merge_ops(ancestor, edits, theirs)
-    base = base_texts[name] if name in base_texts else hist.client_text(name)
-    if base is None:
-        base = ""  # the field did not exist at the base: both sides inserted text
-    if not isinstance(base, str):
-        return None
-    return base, merge_text(base, yours, theirs)
+        point, mine = texts[name].point, texts[name].edits
+    else:
+        try:
+            found = hist.client_point(name, starts)
+        except TextOpsError:
+            return None
+        if isinstance(found, _Unknown):
+            return None
+        point, mine = found, diff(found.text, yours)
+    exact = hist.ops_since(name, point)
+    if exact is not None:
+        try:
+            if (apply_ops(point.text, exact) if exact else point.text) == theirs:
+                return point.text, merge(point.text, mine, edits_from_ops(point.text, exact))
+        except TextOpsError:
+            pass
+    if name in texts:
+        return point.text, merge_ops(point.text, mine, theirs)
+    return point.text, merge_text(point.text, yours, theirs)
 
 
 def _outcome(hist: _History) -> Outcome:

@@ -246,7 +246,7 @@ def test_overlapping_text_edits_merge_and_the_overlap_is_reported() -> None:
     assert d.text_overlaps == [
         TextOverlap("title", "The quick fox", "The fast fox", "The slow fox", "The slowfast fox")
     ]
-    assert d.sent_texts == {"title": "The fast fox"}
+    assert d.history_notes[SENT + "title"] == "The fast fox"
 
 
 def decide_text(
@@ -278,7 +278,7 @@ def commit(log: Log, client: str, d: Decision) -> None:
         return
     deleted, fields = log.snapshots[-1]
     old: dict[str, FieldValue] = {n: fields.get(n) for n in d.updates}
-    old.update({SENT + n: t for n, t in d.sent_texts.items() if n in d.updates})
+    old.update({k: v for k, v in d.history_notes.items() if k.split(":", 1)[1] in d.updates})
     log._commit(client, old, deleted, {**fields, **d.updates})
 
 
@@ -329,7 +329,7 @@ def test_text_edits_after_pruned_history_are_a_conflict_keeping_the_operations()
     d = decide_text(log, {}, base=1, floor=2, text_edits={"title": ops})
     assert d.outcome is Outcome.CONFLICT
     (c,) = d.collisions
-    assert c.yours == Json('[{"insert": "X"}, {"retain": 3}]')
+    assert c.yours == Json('[{"insert":"X"},{"retain":3}]')
     assert c.theirs == "abcd"
 
 

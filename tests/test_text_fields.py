@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from fieldsync.errors import reason_of
-from fieldsync.textops import Delete, Insert, Retain, TextOp, apply_ops
+from fieldsync.textops import Delete, Insert, Retain, TextOp, apply_ops, diff_ops
 from fieldsync.v1 import sync_pb2
 from tests.support import PUT, Client, S, SyncEnv, plain
 
@@ -259,3 +259,26 @@ def _varint(n: int) -> bytes:
         out.append(b | (0x80 if n else 0))
         if not n:
             return bytes(out)
+
+
+def test_another_writers_insertion_is_never_taken_for_the_text_an_edit_deleted(
+    sync_env: SyncEnv,
+) -> None:
+    """The server composes the operations it applied since the client's text; a diff of
+    its text against the client's could align bob's deleted "day one" with letters of
+    cy's new line and delete those instead."""
+    ann, bob, cy = (sync_env.client(sub=s) for s in ("ann", "bob", "cy"))
+    old = "New hires get a laptop on day one.\n"
+    page(ann, "p", old)
+    line = "Ask #it-help for anything else.\n"
+    for c, new in (
+        (cy, old + line),
+        (ann, "New hires get a laptop and a badge in week one.\n"),
+        (bob, "New hires get a configured laptop on their first day.\n"),
+    ):
+        r = edit(c, "p", "body", diff_ops(old, new), base=1)
+        assert r.status in (S.MUTATION_STATUS_APPLIED, S.MUTATION_STATUS_MERGED)
+    body = plain(r.record)["body"]
+    assert isinstance(body, str) and body.endswith("\n" + line)
+    for inserted in ("and a badge", "configured", "their first", "week"):
+        assert inserted in body, body

@@ -31,10 +31,10 @@ from tests.test_client_support import open_client
 
 CLIENTS = 8
 SECONDS = float(os.environ.get("FIELDSYNC_TEXT_SOAK_SECONDS", "2"))
-TOKEN = re.compile(r"<\d+:\d+>")
-# No character of a token (<, >, :, digits) is in the filler: the server diffs its own text
-# against the client's, and a diff may align a deleted filler character with an equal
-# character of another's insertion (see the report of issue 16).
+TOKEN = re.compile(r"<\d+\.\d+>")
+# The filler shares "." with the tokens on purpose: were the server to diff its text against
+# a client's instead of composing the operations it applied, a client's deletion of a
+# filler "." could land on the "." of another's token.
 FILLER = "Lorem ipsum dolor sit amet, café 🎉 naïve\r\nconsectetur adipiscing élit. "
 
 
@@ -44,7 +44,7 @@ def _ops(rng: random.Random, text: str, client: int, n: int) -> tuple[list[TextO
     inside = {p for s, e in tokens for p in range(s + 1, e)}
     if rng.random() < 0.7 or len(text) - sum(e - s for s, e in tokens) < 4:
         pos = rng.choice([p for p in range(len(text) + 1) if p not in inside])
-        token = f"<{client}:{n}>"
+        token = f"<{client}.{n}>"
         return normalize([Retain(pos), Insert(token), Retain(len(text) - pos)]), token
     runs, last = [], 0  # the text between tokens
     for s, e in [*tokens, (len(text), len(text))]:

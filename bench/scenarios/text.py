@@ -14,6 +14,7 @@ import random
 import time
 
 from bench.context import Ctx
+from bench.scenarios import text_edits
 from bench.stats import Figures, summarize
 from sync_service.textmerge import merge_text
 
@@ -90,6 +91,10 @@ def _one(rng: random.Random) -> Figures:
 
 
 def run(ctx: Ctx) -> dict[str, Figures]:
+    return {**run_merge(ctx), **text_edits.run(ctx)}
+
+
+def run_merge(ctx: Ctx) -> dict[str, Figures]:
     runs: list[Figures] = []
     for rep in ctx.repetitions("text_merge"):
         runs.append(_one(random.Random(100 + rep)))
