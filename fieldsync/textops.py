@@ -4,7 +4,7 @@ What lives here: the plain form of one edit of a text (:data:`TextOp`), applying
 checking a list of them, a diff that turns (old text, new text) into them, and their
 JSON form (a client's queue, the audit). Shared by the client SDK and the sync service; no
 I/O, no protobuf. The three-way merge of concurrent edits is the server's
-(``sync_service.textmerge``).
+(``sync_service.rules.textmerge``).
 
 A list of operations walks its text from the start: ``Retain(n)`` keeps the next ``n``
 code points, ``Delete(n)`` removes them, ``Insert(s)`` puts ``s`` at the current place. It

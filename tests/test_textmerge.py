@@ -1,4 +1,4 @@
-"""The merge of concurrent text edits (sync_service.textmerge, SPEC §3): never a conflict.
+"""The merge of concurrent text edits (sync_service.rules.textmerge, SPEC §3): never a conflict.
 
 Examples first (the rules, real text: emoji, combining marks, CRLF, a 1 MB page, the work
 budget), then Hypothesis properties over random texts and random concurrent edits, pairs,
@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fieldsync.textops import Delete, Insert, Retain, TextOp, apply_ops
-from sync_service.textmerge import (
+from sync_service.rules.textmerge import (
     WORK_BUDGET,
     Edit,
     TextMerge,

@@ -1,8 +1,8 @@
 """The merge decision: base, yours, theirs -> what a mutation does to a record.
 
 A pure function of plain values (SPEC §3): no gRPC, no SQL, no clock. The
-applier (sync_service.apply) loads the record and the changes committed since
-the mutation's base, calls `decide`, and stores what it returns.
+batch run (sync_service.writes.batch_run) loads the record and the changes
+committed since the mutation's base, calls `decide`, and stores what it returns.
 
 Existence is modelled as one more field, `DELETED` ("_deleted"): a record that
 never existed is deleted at version 0, a create moves it to False, a DELETE
@@ -17,73 +17,41 @@ Per field the mutation writes (policy in the schema):
                                                            lww:   yours, overwrite recorded
                                                            text:  merge of both sides'
                                                                   edits, never a conflict
-                                                                  (sync_service.textmerge)
+                                                                  (sync_service.rules.textmerge)
 
 A field changed since base only by the same client is not "another writer"
 (a client queues several edits to one record on the base it last saw).
 
-Text fields (policy text) may come as operations (`text_edits`) instead of a
-value. Both forms are edits of the text the client had when it made them: its
-`base_fields` value if sent, else the value at base_version followed by the
-client's own later changes of that field, as it sent them. The other side of
-the merge is what happened to the field since that text, as exact operations
-where the history has them: each change of a text field records, in its `old`,
-the operations from the previous value to the new one (`DELTA + field`), and a
-change that merged a client's edit records the client's text (`SENT + field`)
-and the operations from it to the merge (`OWN + field`). Composed, they take the
-client's text to the server's exactly, so no diff has to guess which character
-is whose. Where a link is missing (a whole value written without a merge: its
-diff against the value before; `base_fields`, or a broken chain: the diff of
-the client's text against the server's) the diff stands in.
+Text fields (policy text), their operations and the history notes their merges leave
+are sync_service.rules.textfields.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
-from fieldsync.textops import (
-    TextOp,
-    TextOpsError,
-    apply_ops,
-    compose,
-    ops_from_json,
-    ops_to_json,
-)
+from fieldsync.textops import TextOp
 from fieldsync.values import Fields, FieldValue, Json, same
-from sync_service.schema import Policy
-from sync_service.textmerge import (
-    Edit,
-    TextMerge,
-    diff,
-    edits_from_ops,
-    merge,
-    merge_ops,
-    merge_text,
-    ops_from_edits,
+from sync_service.rules.schema import Policy
+from sync_service.rules.textfields import (
+    DELTA,
+    OWN,
+    SENT,
+    Point,
+    TextIn,
+    merge_text_field,
+    ops_json,
+    ops_of,
+    starts_of,
+    text_or_none,
+    texts_from_ops,
 )
 
 DELETED = "_deleted"
 """The pseudo-field for a record's existence; schema field names cannot start with '_'."""
-
-SENT = "_sent:"
-"""Prefix, in a change's `old`, of the text a client sent when the change merged it."""
-OWN = "_own:"
-"""Prefix, beside SENT: the operations (JSON) from the client's text to the merge."""
-DELTA = "_delta:"
-"""Prefix, in a change's `old`: the operations (JSON) from the field's old value to its new."""
-
-
-class TextEditsInvalid(Exception):
-    """Operations that do not cover the text they apply to (field, why)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 class Op(IntEnum):
@@ -210,48 +178,6 @@ class Decision:
         return bool(self.updates)
 
 
-class _Unknown:
-    """A value pruned history no longer holds."""
-
-
-UNKNOWN = _Unknown()
-
-
-@dataclass(frozen=True, slots=True)
-class _Point:
-    """A text a client had, and how it relates to the server's value at `version`: `ops`
-    take it there ([]: it is that value; None: unknown)."""
-
-    text: str
-    ops: list[TextOp] | None
-    version: int
-
-
-@dataclass(frozen=True, slots=True)
-class _TextIn:
-    """A field written as operations: the text they apply to, and their edits."""
-
-    point: _Point
-    ops: Sequence[TextOp]
-    edits: list[Edit]
-
-
-def _text(value: FieldValue) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise TextOpsError("the field does not hold text")
-    return value
-
-
-def _ops_of(value: Json) -> list[TextOp]:
-    return ops_from_json(json.loads(value.text))
-
-
-def _ops_json(ops: Sequence[TextOp]) -> Json:
-    return Json(json.dumps(ops_to_json(ops), ensure_ascii=False, separators=(",", ":")))
-
-
 @dataclass(frozen=True, slots=True)
 class _History:
     """What happened to the record after the mutation's base, seen from one client."""
@@ -279,59 +205,12 @@ class _History:
                 if name in ch.old:
                     return ch.old[name]
             return self.theirs(name)
-        if self._last_change(name) <= self.base_version:
+        if self.last_change(name) <= self.base_version:
             return self.theirs(name)
         return None
 
-    def _last_change(self, name: str) -> int:
+    def last_change(self, name: str) -> int:
         return self.state.field_versions.get(name, 0)
-
-    def client_point(self, name: str, points: Mapping[str, _Point]) -> _Point | _Unknown:
-        """The field as this client last had it: at base_version, then its own later
-        changes as it sent them; with how it relates to the server's value at some
-        version (UNKNOWN when pruned history hides it)."""
-        if name in points:
-            return points[name]
-        changes = self.changes
-        for i in range(len(changes) - 1, -1, -1):
-            ch = changes[i]
-            if ch.client_id != self.client_id or name not in ch.old:
-                continue
-            if SENT + name in ch.old:
-                own = ch.old.get(OWN + name)
-                ops = _ops_of(own) if isinstance(own, Json) else None
-                return _Point(_text(ch.old[SENT + name]), ops, ch.version)
-            return _Point(_text(self._after(i, name)), [], ch.version)
-        if not self.complete and self._last_change(name) > self.base_version:
-            return UNKNOWN
-        return _Point(_text(self.base(name)), [], self.base_version)
-
-    def _after(self, i: int, name: str) -> FieldValue:
-        """The value changes[i] left in `name`."""
-        for later in self.changes[i + 1 :]:
-            if name in later.old:
-                return later.old[name]
-        return self.theirs(name)
-
-    def ops_since(self, name: str, point: _Point) -> list[TextOp] | None:
-        """Operations from the point's text to the field's value now (None: unknown)."""
-        if point.ops is None or not self.complete:
-            return None
-        ops = point.ops
-        try:
-            for i, ch in enumerate(self.changes):
-                if ch.version <= point.version or name not in ch.old:
-                    continue
-                delta = ch.old.get(DELTA + name)
-                if isinstance(delta, Json):
-                    step = _ops_of(delta)
-                else:  # a whole value written: its diff against the value before
-                    before, after = _text(ch.old[name]), _text(self._after(i, name))
-                    step = ops_from_edits(len(before), diff(before, after))
-                ops = compose(ops, step)
-        except (TextOpsError, ValueError):
-            return None
-        return ops
 
     def other_change(self, name: str) -> Change | None:
         """The latest change to `name` since base by another client, if any."""
@@ -340,11 +219,11 @@ class _History:
         for ch in reversed(self.changes):
             if name in ch.old and ch.client_id != self.client_id:
                 return ch
-        if not self.complete and self._last_change(name) > self.base_version:
+        if not self.complete and self.last_change(name) > self.base_version:
             # Pruned history: who changed it is unknown, so it is never taken
             # as this client's own change (SPEC §1: a conflict, never a
             # silent overwrite).
-            return Change(self._last_change(name), "", "", {})
+            return Change(self.last_change(name), "", "", {})
         return None
 
     def moved(self, name: str) -> Change | None:
@@ -374,7 +253,7 @@ class _History:
         for ch in reversed(self.changes):
             if name in ch.old:
                 return ch
-        return Change(self._last_change(name), "", "", {})  # pruned: the writer is unknown
+        return Change(self.last_change(name), "", "", {})  # pruned: the writer is unknown
 
     def others_changed_anything(self) -> bool:
         if any(ch.client_id != self.client_id for ch in self.changes):
@@ -415,13 +294,13 @@ def decide(
     if quiet and not text_edits:
         return _decide_quiet(op, writes, state)
     hist = _History(state, base_version, client_id, sorted(changes, key=lambda c: c.version))
-    texts: dict[str, _TextIn] = {}
-    starts = _starts(base_texts or {}, points or {})
+    texts: dict[str, TextIn] = {}
+    starts = starts_of(base_texts or {}, points or {})
     if not text_edits:
         if op is Op.DELETE:
             return _decide_delete(hist, all_lww)
         return _decide_write(hist, op, writes, policies, state_fields, all_lww, texts, starts)
-    edited = _texts_from_ops(hist, text_edits, starts, texts)
+    edited = texts_from_ops(hist, text_edits, starts, texts)
     writes = {**writes, **edited}
     if quiet:
         d = _decide_quiet(op, writes, state)
@@ -433,53 +312,11 @@ def decide(
         yours = edited[name]
         assert isinstance(yours, str)
         own = notes.get(OWN + name)
-        pts[name] = (yours, _ops_of(own) if isinstance(own, Json) else [])
-        if DELTA + name not in notes and t.point.text == _text_or_none(hist.theirs(name)):
-            notes[DELTA + name] = _ops_json(t.ops)  # applied to the value as it was
+        pts[name] = (yours, ops_of(own) if isinstance(own, Json) else [])
+        if DELTA + name not in notes and t.point.text == text_or_none(hist.theirs(name)):
+            notes[DELTA + name] = ops_json(t.ops)  # applied to the value as it was
     d.history_notes, d.points = notes, pts
     return d
-
-
-def _text_or_none(value: FieldValue) -> str | None:
-    return "" if value is None else value if isinstance(value, str) else None
-
-
-def _starts(
-    base_texts: Mapping[str, FieldValue], points: Mapping[str, tuple[str, Sequence[TextOp], int]]
-) -> dict[str, _Point]:
-    out = {name: _Point(text, list(ops), v) for name, (text, ops, v) in points.items()}
-    for name, value in base_texts.items():  # the client's word for it: related by diff
-        if value is None or isinstance(value, str):
-            out[name] = _Point(value or "", None, 0)
-    return out
-
-
-def _texts_from_ops(
-    hist: _History,
-    text_edits: Mapping[str, Sequence[TextOp]],
-    starts: Mapping[str, _Point],
-    texts: dict[str, _TextIn],
-) -> Fields:
-    """Each field's operations applied to the text the client had (see the module
-    docstring); ``texts`` receives that text and the edits, for the merge."""
-    out: Fields = {}
-    for name, ops in text_edits.items():
-        try:
-            point = hist.client_point(name, starts)
-        except TextOpsError:
-            raise TextEditsInvalid(name, "the field does not hold text") from None
-        if isinstance(point, _Unknown):
-            # Pruned history: the text cannot be built, so the operations themselves
-            # are what a conflict keeps (SPEC §1: never a silent overwrite).
-            out[name] = _ops_json(ops)
-            continue
-        try:
-            edits = edits_from_ops(point.text, ops)
-            out[name] = apply_ops(point.text, ops)
-        except TextOpsError as e:
-            raise TextEditsInvalid(name, str(e)) from None
-        texts[name] = _TextIn(point, ops, edits)
-    return out
 
 
 def _decide_quiet(op: Op, writes: Mapping[str, FieldValue], state: RecordView) -> Decision:
@@ -547,8 +384,8 @@ def _decide_write(
     policies: Mapping[str, Policy],
     state_fields: frozenset[str],
     all_lww: bool,
-    texts: Mapping[str, _TextIn],
-    starts: Mapping[str, _Point],
+    texts: Mapping[str, TextIn],
+    starts: Mapping[str, Point],
 ) -> Decision:
     deleted_by = hist.other_change(DELETED) if hist.theirs(DELETED) else None
     if deleted_by is not None and not all_lww:
@@ -614,18 +451,18 @@ def _decide_write(
             overwrites.append(Overwrite(name, theirs, yours, hist.writer(name).mutation_id))
             continue
         if policy is Policy.TEXT:
-            merged = _merge_text(hist, name, yours, theirs, texts, starts)
+            merged = merge_text_field(hist, name, yours, theirs, texts, starts)
             if merged is not None:
                 ancestor, m = merged
                 assert isinstance(yours, str)  # _merge_text checked it
                 if not same(m.text, theirs):
                     updates[name] = m.text
-                    notes[DELTA + name] = _ops_json(m.yours_over_theirs)
+                    notes[DELTA + name] = ops_json(m.yours_over_theirs)
                 if m.overlapped:
                     overlaps.append(TextOverlap(name, ancestor, yours, str(theirs or ""), m.text))
                 if m.text != yours:
                     notes[SENT + name] = yours
-                    notes[OWN + name] = _ops_json(m.theirs_over_yours)
+                    notes[OWN + name] = ops_json(m.theirs_over_yours)
                 continue
         collisions.append(FieldCollision(name, hist.base(name), yours, theirs))
 
@@ -650,45 +487,6 @@ def _decide_write(
         text_overlaps=overlaps,
         history_notes=notes,
     )
-
-
-def _merge_text(
-    hist: _History,
-    name: str,
-    yours: FieldValue,
-    theirs: FieldValue,
-    texts: Mapping[str, _TextIn],
-    starts: Mapping[str, _Point],
-) -> tuple[str, TextMerge] | None:
-    """Both sides' edits of a text field merged: (the text the client edited, the
-    merge). None (a conflict) only after pruned history, when the base is unknown and a
-    guessed one could drop an edit (SPEC §1), or for a value that is not text."""
-    if not hist.complete:
-        return None
-    if theirs is None:
-        theirs = ""  # the field is absent on the server: nothing of theirs to keep
-    if not (isinstance(yours, str) and isinstance(theirs, str)):
-        return None
-    if name in texts:
-        point, mine = texts[name].point, texts[name].edits
-    else:
-        try:
-            found = hist.client_point(name, starts)
-        except TextOpsError:
-            return None
-        if isinstance(found, _Unknown):
-            return None
-        point, mine = found, diff(found.text, yours)
-    exact = hist.ops_since(name, point)
-    if exact is not None:
-        try:
-            if (apply_ops(point.text, exact) if exact else point.text) == theirs:
-                return point.text, merge(point.text, mine, edits_from_ops(point.text, exact))
-        except TextOpsError:
-            pass
-    if name in texts:
-        return point.text, merge_ops(point.text, mine, theirs)
-    return point.text, merge_text(point.text, yours, theirs)
 
 
 def _outcome(hist: _History) -> Outcome:

@@ -1,10 +1,10 @@
 """A mutation's ``text_edits`` checked against the schema (SPEC §3, §9): what lives here.
 
-Pure: the wire's operations (already decoded by sync_service.convert) become the schema's
+Pure: the wire's operations (already decoded by sync_service.api.convert) become the schema's
 field names and their operations, or an ``InvalidArgument`` that rejects the mutation
 (``TEXT_EDITS_INVALID``; a field sent both as a value and as operations:
 ``TEXT_FIELD_TWICE``). Whether the operations cover the text they apply to is decided
-with the record's history, in sync_service.merge.
+with the record's history, in sync_service.rules.merge.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Final
 from fieldsync.errors import InvalidArgument, Reason
 from fieldsync.textops import TextOp
 from fieldsync.values import FieldValue
-from sync_service.decode import Repair, WarningCode
-from sync_service.schema import CollectionSpec, FieldType
+from sync_service.rules.decode import Repair, WarningCode
+from sync_service.rules.schema import CollectionSpec, FieldType
 
 __all__ = ["MAX_TEXT_OPS", "check_text_edits", "invalid"]
 
