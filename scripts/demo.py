@@ -198,13 +198,13 @@ def story_three(workdir: Path, server: str) -> None:
     say("\n== 3. Two people rewrite the same paragraph offline; a third appends ==")
     ann, bob, cy = (device(workdir, server, f"{n}-kb") for n in ("ann", "bob", "cy"))
     with ann, bob, cy:
-        old = "New hires get a laptop on day one.\n"
+        old = "Day one: bring your laptop.\n"
         ann.put("pages", "onboarding", {"title": "Onboarding", "body": old})
         ann.sync()
         bob.sync()
         cy.sync()
-        ann_text = "New hires get a laptop and a badge on day one.\n"
-        bob_text = "New hires get a configured laptop on their first day.\n"
+        ann_text = "Day one: bring your charged laptop.\n"
+        bob_text = "Day one: bring your own laptop and its charger.\n"
         ann.edit_text("pages", "onboarding", "body", diff_text(old, ann_text))
         bob.edit_text("pages", "onboarding", "body", diff_text(old, bob_text))
         cy_text = old + "Ask #it-help for anything else.\n"
@@ -212,9 +212,9 @@ def story_three(workdir: Path, server: str) -> None:
         step(f"offline, ann writes: {ann_text.strip()!r}")
         step(f"         bob writes: {bob_text.strip()!r}")
         step("         cy appends a line; only each edit travels (text operations)")
-        for who, c in (("cy", cy), ("ann", ann), ("bob", bob)):
+        for who, c in (("cy", cy), ("bob", bob), ("ann", ann)):
             step(f"{who}: {report(c.sync())}")
-        ann.sync()
+        bob.sync()
         cy.sync()
         page = ann.get("pages", "onboarding")
         assert page is not None
@@ -222,14 +222,15 @@ def story_three(workdir: Path, server: str) -> None:
         for c in (bob, cy):
             other = c.get("pages", "onboarding")
             assert other is not None and other.fields["body"] == body
-        for inserted in ("and a badge ", "configured ", "their first", "Ask #it-help"):
+        for inserted in ("charged ", "own ", " and its charger", "Ask #it-help"):
             assert inserted in body, (inserted, body)
         assert not ann.conflicts() and not bob.conflicts() and not cy.conflicts()
         say("     no conflict, no dialog: every insertion of all three is in the page,")
         say("     which now reads the same on every device:")
         for line in body.splitlines():
             say(f"       | {line}")
-        say("     where the two rewrites overlapped, the audit has TEXT_OVERLAP_MERGED (below)")
+        say("     ann and bob both typed before 'laptop': both kept, the earlier arrival first;")
+        say("     the audit records that overlap as TEXT_OVERLAP_MERGED (below)")
 
 
 def audit_trail(audit_addr: str) -> None:
