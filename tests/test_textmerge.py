@@ -30,7 +30,7 @@ from sync_service.rules.textmerge import (
     ops_from_edits,
 )
 
-PROPERTY = settings(max_examples=200, deadline=None)
+PROPERTY = settings(max_examples=120, deadline=None)
 
 FOX = "The quick brown fox"
 
@@ -280,7 +280,7 @@ def test_whole_values_keep_every_insertion_and_every_base_character_nobody_delet
         assert counts[c] == 1  # kept by both sides: still there, once
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.data(), BASES, st.integers(2, 4))
 def test_a_sequence_of_clients_each_merged_on_arrival_keeps_every_insertion(
     data: st.DataObject, base: str, clients: int
