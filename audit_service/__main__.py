@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from audit_service.config import AuditConfig
@@ -17,15 +18,20 @@ from audit_service.config import AuditConfig
 
 def _parser() -> argparse.ArgumentParser:
     from audit_service.commands import add_commands
+    from fieldsync.config_doc import help_epilog
 
     parser = argparse.ArgumentParser(
         prog="fieldsync-audit",
-        description=(
+        description=textwrap.fill(
             "The FieldSync audit service. With no command it serves on $FIELDSYNC_AUDIT_ADDR "
-            "(default 127.0.0.1:50052) until SIGTERM."
+            "(default 127.0.0.1:50052) until SIGTERM. Every setting comes from the "
+            "environment; see docs/configuration.md.",
+            79,
         ),
+        epilog=help_epilog(AuditConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{prune,query}")
+    sub = parser.add_subparsers(dest="command", metavar="{prune,query,dead-letters}")
     add_commands(sub)
     return parser
 
@@ -51,13 +57,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         from audit_service.commands import run_prune
 
         return run_prune(args, config)
+    if args.command == "dead-letters":
+        from audit_service.commands import run_dead_letters
+
+        return run_dead_letters(args, config)
     if args.command == "query":
         from audit_service.commands import run_query
 
         return run_query(args, config)
-    from audit_service.server import serve
+    from fieldsync.logs import configure
 
-    asyncio.run(serve(config))
+    configure(config.log_format)  # before the imports below: they log too
+    from audit_service.server import serve
+    from fieldsync.db import SchemaTooNew
+    from fieldsync.operations import START_ERRORS
+
+    try:
+        asyncio.run(serve(config))
+    except START_ERRORS as err:
+        print(f"fieldsync-audit: cannot start: {err}", file=sys.stderr)
+        return 2
+    except SchemaTooNew as err:
+        print(f"fieldsync-audit: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,8 +1,14 @@
-"""The `fieldsync-audit` commands besides serving: `prune` and `query`.
+"""The `fieldsync-audit` commands besides serving: `prune`, `query` and `dead-letters`.
+
+`dead-letters` prints, from the database, the events RecordEvents refused and
+kept whole (one JSON object a line: key, tenant_id, reasons, the event).
 
 `prune` deletes events older than a number of days (the flag, else
-FIELDSYNC_AUDIT_RETENTION_DAYS) straight in the database and says how many it
-deleted: retention is never silent, and never runs unless asked. `query` is a
+FIELDSYNC_AUDIT_RETENTION_DAYS) straight in the database FIELDSYNC_AUDIT_DB
+names, and says which database and how many it deleted: retention is never
+silent, and never runs unless asked. It never creates a database: a SQLite
+file that is not there is an error (a wrong FIELDSYNC_AUDIT_DB would
+otherwise "prune 0" from a new, empty one). `query` is a
 client of a running service: it pages through QueryEvents with the token in
 FIELDSYNC_TOKEN and prints one JSON object a line.
 """
@@ -10,6 +16,7 @@ FIELDSYNC_TOKEN and prints one JSON object a line.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -18,16 +25,19 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 import grpc
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
+from sqlalchemy.engine import make_url
 
-from audit_service.config import ENV_RETENTION_DAYS, AuditConfig
+from audit_service.config import ENV_DB, ENV_RETENTION_DAYS, AuditConfig
 from audit_service.storage import SqlAuditStorage
 from fieldsync.audit_kinds import EventKind
 from fieldsync.errors import reason_of
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 from fieldsync.values import Timestamp, fields_from_proto, to_display
 
-__all__ = ["ENV_TOKEN", "add_commands", "run_prune", "run_query"]
+__all__ = ["ENV_TOKEN", "add_commands", "run_dead_letters", "run_prune", "run_query"]
 
 ENV_TOKEN = "FIELDSYNC_TOKEN"
 NANOS_PER_DAY = 86_400 * 1_000_000_000
@@ -40,8 +50,10 @@ def add_commands(sub: Any) -> None:
         "prune",
         help="delete events older than N days and print how many",
         description=(
-            "Delete the audit events that occurred more than N days ago, and print how many "
-            f"were deleted. N is --older-than-days, else ${ENV_RETENTION_DAYS}."
+            "Delete the audit events that occurred more than N days ago from the database "
+            f"${ENV_DB} names (default {AuditConfig.db_url}; `make run` keeps its "
+            "database in .run/audit.db), and print which database and how many were deleted. "
+            f"N is --older-than-days, else ${ENV_RETENTION_DAYS}."
         ),
     )
     prune.add_argument("--older-than-days", type=int, metavar="N", help="the age limit, in days")
@@ -65,6 +77,15 @@ def add_commands(sub: Any) -> None:
     query.add_argument("--mutation", default="", help="only events of this mutation id")
     query.add_argument("--limit", type=int, default=100, metavar="N", help="at most N events")
     query.add_argument("--newest-first", action="store_true", help="newest events first")
+    letters = sub.add_parser(
+        "dead-letters",
+        help="print the refused events the service kept, as JSON lines",
+        description=(
+            "Print the events RecordEvents refused (a field over its limit, no kind, ...) and"
+            " kept whole, oldest first, one JSON object a line; read from $FIELDSYNC_AUDIT_DB."
+        ),
+    )
+    letters.add_argument("--limit", type=int, default=1000, metavar="N", help="at most N")
 
 
 def run_prune(args: argparse.Namespace, config: AuditConfig, out: TextIO | None = None) -> int:
@@ -78,6 +99,15 @@ def run_prune(args: argparse.Namespace, config: AuditConfig, out: TextIO | None 
     if days < 1:
         print("fieldsync-audit prune: --older-than-days must be at least 1", file=sys.stderr)
         return 2
+    url = make_url(config.db_url)
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and not _sqlite_file_exists(url.database):
+        print(
+            f"fieldsync-audit prune: no audit database at {shown}: set ${ENV_DB} to the "
+            "service's database (make run: sqlite:///.run/audit.db)",
+            file=sys.stderr,
+        )
+        return 1
     cutoff = time.time_ns() - days * NANOS_PER_DAY
     storage = SqlAuditStorage(config.db_url, sqlite_synchronous=config.sqlite_synchronous)
     try:
@@ -87,10 +117,38 @@ def run_prune(args: argparse.Namespace, config: AuditConfig, out: TextIO | None 
         storage.close()
     print(
         f"pruned {deleted} audit events that occurred before {Timestamp(cutoff).isoformat()}"
-        f" (older than {days} day{'' if days == 1 else 's'})",
+        f" (older than {days} day{'' if days == 1 else 's'}) from {shown}",
         file=out or sys.stdout,
     )
     return 0
+
+
+def run_dead_letters(
+    args: argparse.Namespace, config: AuditConfig, out: TextIO | None = None
+) -> int:
+    storage = SqlAuditStorage(config.db_url, sqlite_synchronous=config.sqlite_synchronous)
+    try:
+        storage.migrate()
+        letters = storage.dead_letters(max(1, args.limit))
+    finally:
+        storage.close()
+    for d in letters:
+        event: Any
+        try:
+            event = MessageToDict(audit_pb2.AuditEvent.FromString(d.event))
+        except DecodeError:
+            event = {"bytes_base64": base64.b64encode(d.event).decode("ascii")}
+        line = {"key": d.key, "tenant_id": d.tenant_id, "reasons": d.reasons, "event": event}
+        print(json.dumps(line, ensure_ascii=False), file=out or sys.stdout)
+    return 0
+
+
+def _sqlite_file_exists(database: str | None) -> bool:
+    # An in-memory database (no name, or ":memory:") holds nothing to prune either.
+    if not database or database == ":memory:" or database.startswith("file::memory:"):
+        return False
+    path = database.removeprefix("file:").split("?", 1)[0]
+    return os.path.isfile(path)
 
 
 def _kind(text: str) -> EventKind:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from fieldsync.auth import AuthConfig
+from fieldsync.logs import LOG_FORMATS
+from fieldsync.serving import ServerLimits
+from fieldsync.tls import ServerTLS
 
 _T = TypeVar("_T")
 
@@ -45,8 +48,30 @@ class AuditConfig:
     tail_poll_seconds: float = 1.0
     """FIELDSYNC_AUDIT_TAIL_POLL: how often TailEvents looks for events recorded by other
     instances (events recorded by this process wake it at once)."""
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    """The gRPC connection limits (fieldsync.serving.ServerLimits): concurrent streams a
+    connection, keepalive and its enforcement, connection idle time and age."""
     auth: AuthConfig | None = None
     """Token verification (FIELDSYNC_JWT_*, FIELDSYNC_JWKS_FILE); required to serve."""
+    tls_cert: str | None = None
+    """FIELDSYNC_TLS_CERT: PEM certificate (chain) to serve TLS with; unset: plaintext.
+    Re-read when it changes: a rotated certificate reaches new connections."""
+    tls_key: str | None = None
+    """FIELDSYNC_TLS_KEY: PEM private key of FIELDSYNC_TLS_CERT (unencrypted)."""
+    tls_client_ca: str | None = None
+    """FIELDSYNC_TLS_CLIENT_CA: PEM CA; when set, callers (the sync service's relay)
+    must present a client certificate it signed (mutual TLS). The service-role token
+    is still required."""
+    metrics_addr: str | None = None
+    """FIELDSYNC_AUDIT_METRICS_ADDR: host:port of the Prometheus /metrics endpoint (port
+    0 picks a free one, named in the log); unset: no metrics."""
+    log_format: str = "text"
+    """FIELDSYNC_LOG_FORMAT: text, or json (one JSON object a line)."""
+    log_calls: bool = False
+    """FIELDSYNC_LOG_CALLS: 1 logs a line at INFO for every finished call."""
+    tracing: bool = False
+    """OTEL_EXPORTER_OTLP_ENDPOINT: when set (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), spans
+    of every call are exported over OTLP/gRPC there (the other OTEL_* variables apply)."""
 
     def __post_init__(self) -> None:
         if self.retention_days is not None and self.retention_days < 1:
@@ -61,6 +86,13 @@ class AuditConfig:
             )
         if self.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError("FIELDSYNC_SQLITE_SYNCHRONOUS must be FULL, NORMAL or EXTRA")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"FIELDSYNC_LOG_FORMAT must be text or json, not {self.log_format!r}")
+        self.server_tls()  # an incomplete set of TLS settings is a configuration error
+
+    def server_tls(self) -> ServerTLS | None:
+        """The TLS this service serves, None for plaintext (TLSError: incomplete)."""
+        return ServerTLS.from_settings(self.tls_cert, self.tls_key, self.tls_client_ca)
 
     @classmethod
     def from_env(
@@ -83,7 +115,18 @@ class AuditConfig:
             ).upper(),
             db_pool_size=_get(env, "FIELDSYNC_DB_POOL_SIZE", int, d.db_pool_size),
             tail_poll_seconds=_get(env, "FIELDSYNC_AUDIT_TAIL_POLL", float, d.tail_poll_seconds),
+            limits=ServerLimits.from_env(env),
             auth=AuthConfig.from_env(env) if require_auth else None,
+            tls_cert=env.get("FIELDSYNC_TLS_CERT") or None,
+            tls_key=env.get("FIELDSYNC_TLS_KEY") or None,
+            tls_client_ca=env.get("FIELDSYNC_TLS_CLIENT_CA") or None,
+            metrics_addr=env.get("FIELDSYNC_AUDIT_METRICS_ADDR") or None,
+            log_format=(env.get("FIELDSYNC_LOG_FORMAT") or d.log_format).lower(),
+            log_calls=env.get("FIELDSYNC_LOG_CALLS", "0") not in ("0", "", "false", "no"),
+            tracing=bool(
+                env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            ),
         )
 
 

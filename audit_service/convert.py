@@ -9,22 +9,25 @@ a query has nothing partial to keep. Nothing here touches the database.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 
 from google.protobuf import timestamp_pb2
 
 from audit_service.model import (
+    MAX_EVENT_ID_LENGTH,
     MAX_LENGTHS,
     MAX_NANOS,
     MIN_NANOS,
     AuditEvent,
+    DeadLetter,
     EventFilter,
     StoredEvent,
 )
 from fieldsync.audit_kinds import EventKind
 from fieldsync.errors import InvalidArgument, Reason
 from fieldsync.v1 import audit_pb2
-from fieldsync.values import fields_from_proto, fields_to_proto
+from fieldsync.values import InvalidValue, fields_from_proto, fields_to_proto
 
 __all__ = [
     "event_from_proto",
@@ -32,6 +35,7 @@ __all__ = [
     "events_from_proto",
     "filter_from_proto",
     "kinds_from_proto",
+    "split_events",
 ]
 
 Violation = tuple[str, str]
@@ -62,8 +66,14 @@ def event_from_proto(pe: audit_pb2.AuditEvent, path: str) -> AuditEvent | list[V
         bad.append((f"{path}.occurred_at", "required"))
     else:
         occurred_at = _nanos(pe.occurred_at)
-        if not MIN_NANOS <= occurred_at <= MAX_NANOS:
+        if not 0 <= pe.occurred_at.nanos <= 999_999_999:
+            bad.append((f"{path}.occurred_at", "nanos must be 0 to 999999999"))
+        elif not MIN_NANOS <= occurred_at <= MAX_NANOS:
             bad.append((f"{path}.occurred_at", "out of range (years 1677 to 2262)"))
+    try:
+        details = fields_from_proto(pe.details)
+    except InvalidValue as err:
+        bad.append((f"{path}.details", err.message))
     if bad:
         return bad
     return AuditEvent(
@@ -80,7 +90,7 @@ def event_from_proto(pe: audit_pb2.AuditEvent, path: str) -> AuditEvent | list[V
         actor=pe.actor,
         client_schema_version=pe.client_schema_version,
         message=pe.message,
-        details=fields_from_proto(pe.details),
+        details=details,
     )
 
 
@@ -88,15 +98,27 @@ def events_from_proto(
     events: Sequence[audit_pb2.AuditEvent],
 ) -> tuple[list[AuditEvent], list[Violation]]:
     """The storable events of a batch, and the violations of the others."""
+    good, refused = split_events(events)
+    return good, [v for letter in refused for v in letter.reasons]
+
+
+def split_events(
+    events: Sequence[audit_pb2.AuditEvent],
+) -> tuple[list[AuditEvent], list[DeadLetter]]:
+    """The storable events of a batch, and the others as dead letters (with their
+    violations, named `events[i].field`)."""
     good: list[AuditEvent] = []
-    bad: list[Violation] = []
+    refused: list[DeadLetter] = []
     for i, pe in enumerate(events):
         out = event_from_proto(pe, f"events[{i}]")
         if isinstance(out, AuditEvent):
             good.append(out)
-        else:
-            bad.extend(out)
-    return good, bad
+            continue
+        raw = pe.SerializeToString(deterministic=True)
+        id_ok = 0 < len(pe.event_id) <= MAX_EVENT_ID_LENGTH and "\x00" not in pe.event_id
+        key = pe.event_id if id_ok else hashlib.sha256(raw).hexdigest()
+        refused.append(DeadLetter(key, pe.tenant_id, raw, tuple(out)))
+    return good, refused
 
 
 def kinds_from_proto(kinds: Iterable[int], path: str = "kinds") -> frozenset[EventKind]:

@@ -8,6 +8,7 @@ Times are integer nanoseconds since the Unix epoch, as everywhere in FieldSync.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fieldsync.audit_kinds import EventKind
@@ -89,6 +90,23 @@ class RecordOutcome:
 
     recorded: int
     duplicates: int
+    kinds: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Events recorded (duplicates excluded) by kind name, e.g. {"LWW_OVERWRITE": 2}."""
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """An event the audit service could not store as one, kept whole instead.
+
+    `key` is its event_id when that is a valid id, else a digest of its bytes,
+    so a resend of the same refused event is stored once. `event` is the wire
+    AuditEvent's serialized bytes; `reasons` the field violations.
+    """
+
+    key: str
+    tenant_id: str
+    event: bytes
+    reasons: tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)

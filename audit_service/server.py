@@ -13,8 +13,7 @@ import logging
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 
 from audit_service.config import AuditConfig
 from audit_service.servicer import AuditServicer
@@ -22,7 +21,18 @@ from audit_service.storage import SqlAuditStorage
 from audit_service.tail import CommitSignal
 from fieldsync.auth import TokenVerifier
 from fieldsync.interceptors import FieldSyncInterceptor
-from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event, tune_gc
+from fieldsync.metrics import AuditMetrics
+from fieldsync.operations import Operations
+from fieldsync.serving import (
+    NOT_SERVING,
+    SERVING,
+    add_health,
+    enable_reflection,
+    listen,
+    set_health,
+    stop_event,
+    tune_gc,
+)
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 
 __all__ = ["SERVICE_NAME", "AuditApp", "serve"]
@@ -39,6 +49,7 @@ class AuditApp:
     verifier: TokenVerifier
     # Made by add_services, on the loop that serves: asyncio events belong to one loop.
     signal: CommitSignal | None = field(default=None, init=False)
+    metrics: AuditMetrics | None = None
 
     @classmethod
     def from_config(cls, config: AuditConfig) -> AuditApp:
@@ -59,7 +70,11 @@ class AuditApp:
 
     def server_options(self) -> list[tuple[str, int]]:
         n = self.config.max_message_bytes
-        return [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
+        return [
+            ("grpc.max_receive_message_length", n),
+            ("grpc.max_send_message_length", n),
+            *self.config.limits.options(),
+        ]
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [FieldSyncInterceptor(self.verifier)]
@@ -68,14 +83,14 @@ class AuditApp:
         """Register the audit, health and reflection services; returns the health servicer."""
         self.signal = CommitSignal()
         servicer = AuditServicer(
-            self.storage, self.signal, tail_poll_seconds=self.config.tail_poll_seconds
+            self.storage,
+            self.signal,
+            tail_poll_seconds=self.config.tail_poll_seconds,
+            metrics=self.metrics,
         )
         audit_pb2_grpc.add_AuditServiceServicer_to_server(servicer, server)
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        health_servicer = add_health(server)
+        enable_reflection(server, [SERVICE_NAME])
         return health_servicer
 
     def begin_shutdown(self) -> None:
@@ -90,16 +105,28 @@ class AuditApp:
 async def serve(config: AuditConfig) -> None:
     # Signals first: a SIGTERM during startup (migrations) still ends gracefully.
     stop = stop_event()
+    ops = Operations.start(
+        "fieldsync-audit",
+        tls=config.server_tls(),
+        metrics=AuditMetrics() if config.metrics_addr else None,
+        metrics_addr=config.metrics_addr,
+        log_calls=config.log_calls,
+        tracing=config.tracing,
+    )
     app = AuditApp.from_config(config)
+    app.metrics = ops.metrics
     tune_gc()
     try:
-        server = grpc.aio.server(interceptors=app.interceptors(), options=app.server_options())
+        server = grpc.aio.server(
+            interceptors=[*ops.interceptors(), *app.interceptors()],
+            options=app.server_options(),
+        )
         health_servicer = app.add_services(server)
         names = ("", SERVICE_NAME)
-        port = await listen(server, config.addr, health_servicer, names)
+        ops.serve_metrics(log)
+        port = await listen(server, config.addr, health_servicer, names, ops.credentials)
         await set_health(health_servicer, names, SERVING)
-        host = config.addr.rsplit(":", 1)[0]
-        log.info("audit service listening on %s:%d (database %s)", host, port, app.storage.dialect)
+        ops.announce(log, "audit service", config.addr, port, app.storage.dialect)
 
         await stop.wait()
         log.info("stopping: finishing calls in flight (grace %.1fs)", config.shutdown_grace_seconds)
@@ -108,4 +135,5 @@ async def serve(config: AuditConfig) -> None:
         await server.stop(config.shutdown_grace_seconds)
     finally:
         app.close()
+        ops.close()
     log.info("stopped")

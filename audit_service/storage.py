@@ -18,9 +18,11 @@ Two guarantees the readers rely on:
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,12 +33,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from audit_service.model import (
     AuditEvent,
+    DeadLetter,
     EventFilter,
     EventPage,
     RecordOutcome,
     StoredEvent,
 )
-from audit_service.tables import audit_events
+from audit_service.tables import VERSION_TABLE, audit_events, dead_letters
 from fieldsync.audit_kinds import EventKind
 from fieldsync.db import chunks, normalize_url, open_engines, upgrade_schema
 from fieldsync.jsontext import dumps
@@ -77,6 +80,14 @@ class AuditStorage(Protocol):
         """Delete every event that occurred before the instant; how many were deleted."""
         ...
 
+    def dead_letter(self, letters: Sequence[DeadLetter]) -> int:
+        """Keep refused events whole (each key once); how many were new."""
+        ...
+
+    def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
+        """The refused events kept, oldest first."""
+        ...
+
 
 class SqlAuditStorage:
     """AuditStorage on one SQLAlchemy URL (sqlite:///path or postgresql://...)."""
@@ -98,7 +109,7 @@ class SqlAuditStorage:
         table, and a crash mid-migration leaves nothing half-built.
         """
         with self._write_transaction() as conn:
-            upgrade_schema(conn, MIGRATIONS)
+            upgrade_schema(conn, MIGRATIONS, version_table=VERSION_TABLE)
 
     def close(self) -> None:
         self._write.dispose()
@@ -130,12 +141,50 @@ class SqlAuditStorage:
                     conn.execute(select(c.event_id).where(c.event_id.in_(chunk))).scalars()
                 )
             rows = [_row(ev, recorded_at) for eid, ev in unique.items() if eid not in stored]
-            inserted = 0
+            new: list[str] = []
             if rows:
-                # RETURNING counts only the rows really inserted, whatever the
+                # RETURNING names only the rows really inserted, whatever the
                 # driver reports as rowcount for an executemany.
-                inserted = len(conn.execute(self._insert_new().returning(c.seq), rows).all())
-        return RecordOutcome(inserted, len(events) - inserted)
+                new = list(conn.execute(self._insert_new().returning(c.event_id), rows).scalars())
+        kinds = Counter(unique[eid].kind.name for eid in new)
+        return RecordOutcome(len(new), len(events) - len(new), dict(kinds))
+
+    def dead_letter(self, letters: Sequence[DeadLetter]) -> int:
+        unique: dict[str, DeadLetter] = {}
+        for d in letters:
+            unique.setdefault(d.key, d)
+        if not unique:
+            return 0
+        now = time.time_ns()
+        rows = [
+            {
+                "key": d.key,
+                "tenant_id": d.tenant_id.replace("\x00", "\ufffd"),
+                "received_at": now,
+                "reasons": dumps([list(r) for r in d.reasons]),
+                "event": base64.b64encode(d.event).decode("ascii"),
+            }
+            for d in unique.values()
+        ]
+        table = dead_letters
+        dialect_insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        stmt = dialect_insert(table).on_conflict_do_nothing(index_elements=[table.c.key])
+        with self._write_transaction() as conn:
+            return len(conn.execute(stmt.returning(table.c.seq), rows).all())
+
+    def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
+        c = dead_letters.c
+        with self._read.connect() as conn:
+            rows = conn.execute(select(dead_letters).order_by(c.seq).limit(limit)).all()
+        return [
+            DeadLetter(
+                r.key,
+                r.tenant_id,
+                base64.b64decode(r.event),
+                tuple((f, d) for f, d in json.loads(r.reasons)),
+            )
+            for r in rows
+        ]
 
     def _insert_new(self) -> Any:
         """INSERT that skips an event_id already stored instead of failing."""

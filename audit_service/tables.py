@@ -1,4 +1,4 @@
-"""The audit database's one table, as SQLAlchemy Core metadata.
+"""The audit database's tables, as SQLAlchemy Core metadata.
 
 The migrations (audit_service/migrations/versions) create exactly this; a
 test compares the migrated database with it. `seq` is the order events were
@@ -52,5 +52,20 @@ audit_events = Table(
     Index("ix_audit_events_tenant_occurred", "tenant_id", "occurred_at"),
     # prune deletes by age across all tenants.
     Index("ix_audit_events_occurred", "occurred_at"),
+    sqlite_autoincrement=True,
+)
+
+# Events RecordEvents refused (a field over its limit, no kind, ...): kept whole
+# rather than lost, and never shown as audit events. `key` is the event_id, or a
+# digest of the bytes when the id itself is bad; a resend is stored once.
+dead_letters = Table(
+    "audit_dead_letters",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("key", String(64), nullable=False, unique=True),
+    Column("tenant_id", Text, nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+    Column("reasons", Text, nullable=False),
+    Column("event", Text, nullable=False),
     sqlite_autoincrement=True,
 )

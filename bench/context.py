@@ -61,6 +61,10 @@ class Sizes:
     pg_mutations: int
     pg_records: int
     pg_cap: float
+    # client_sync_ts (and the Python client's figure beside it)
+    client_mutations: int
+    client_records: int
+    client_cap: float
 
     @classmethod
     def full(cls) -> Sizes:
@@ -91,6 +95,9 @@ class Sizes:
             pg_mutations=100_000,
             pg_records=10_000,
             pg_cap=15,
+            client_mutations=100_000,
+            client_records=10_000,
+            client_cap=120,  # a bound on each client's sync (a failure past it), not a cut
         )
 
     @classmethod
@@ -122,6 +129,9 @@ class Sizes:
             pg_mutations=5_000,
             pg_records=500,
             pg_cap=10,
+            client_mutations=5_000,
+            client_records=500,
+            client_cap=30,
         )
 
 

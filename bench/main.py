@@ -8,7 +8,7 @@ Environment:
   (default postgresql://postgres@127.0.0.1:5432/test); unreachable means
   those scenarios are skipped, with a note saying why.
 - `BENCH_ONLY=group,group`: run only these groups (reconnect, online, text,
-  store_size, memory, pull, audit, postgres), for working on the harness.
+  store_size, memory, pull, audit, postgres, clients), for working on the harness.
 - `BENCH_KEEP=1`: keep the work folder (databases, service logs); it is kept
   anyway when a group fails.
 
@@ -33,7 +33,7 @@ from typing import Any
 
 from bench import pg, procs, report
 from bench.context import Ctx, Sizes
-from bench.scenarios import audit, online, postgres, reconnect, store, text
+from bench.scenarios import audit, clients, online, postgres, reconnect, store, text
 from bench.stats import Figures
 
 # Seconds after which no further repetition starts (the limits are 15 and 2 minutes).
@@ -42,14 +42,18 @@ BUDGET_QUICK = 90.0
 
 Group = Callable[[Ctx], dict[str, Figures]]
 GROUPS: dict[str, tuple[Group, tuple[str, ...]]] = {
-    "reconnect": (reconnect.run, ("reconnect_sqlite", "storage_floor", "transport_floor")),
-    "online": (online.run, ("latency", "concurrent")),
+    "reconnect": (
+        reconnect.run,
+        ("reconnect_sqlite", "storage_floor", "transport_floor", "reconnect_sqlite_metrics"),
+    ),
+    "online": (online.run, ("latency", "latency_metrics", "concurrent")),
     "store_size": (lambda ctx: {"store_size": store.store_size(ctx)}, ("store_size",)),
     "memory": (lambda ctx: {"memory": store.memory(ctx)}, ("memory",)),
     "pull": (lambda ctx: {"pull": store.pull(ctx)}, ("pull",)),
     "audit": (audit.run, ("audit_relay",)),
     "text": (text.run, ("text_merge", "text_edits_100kb", "text_edits_1mb")),
     "postgres": (postgres.run, ("reconnect_pg", "concurrent_pg")),
+    "clients": (clients.run, ("client_sync_ts",)),
 }
 
 

@@ -237,5 +237,13 @@ def vm_hwm_kib(pid: int) -> int:
     return _status_kib(pid, "VmHWM")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far: a cost that other load on
+    the machine does not inflate the way it does wall time."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def vm_rss_kib(pid: int) -> int:
     return _status_kib(pid, "VmRSS")

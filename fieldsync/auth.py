@@ -38,6 +38,7 @@ __all__ = [
     "bearer_from_metadata",
     "mint_token",
     "require_role",
+    "require_service",
 ]
 
 log = logging.getLogger("fieldsync")
@@ -48,8 +49,12 @@ ENV_JWKS = "FIELDSYNC_JWKS_FILE"
 ENV_AUDIENCE = "FIELDSYNC_JWT_AUDIENCE"
 ENV_ISSUER = "FIELDSYNC_JWT_ISSUER"
 ENV_LEEWAY = "FIELDSYNC_JWT_LEEWAY_SECONDS"
+ENV_MAX_LIFETIME = "FIELDSYNC_JWT_MAX_LIFETIME_SECONDS"
+ENV_SERVICE_AUDIENCE = "FIELDSYNC_SERVICE_AUDIENCE"
 
 DEFAULT_AUDIENCE = "fieldsync"
+DEFAULT_SERVICE_AUDIENCE = "fieldsync-service"
+SERVICE_ROLE = "fieldsync:service"
 
 _HMAC_ALGS: tuple[str, ...] = ("HS256", "HS384", "HS512")
 _RSA_ALGS: tuple[str, ...] = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
@@ -69,6 +74,8 @@ class Principal:
     sub: str
     tenant_id: str
     roles: frozenset[str]
+    service: bool = False
+    """The token was issued to a service: its `aud` is the service audience."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,17 @@ class AuthConfig:
     leeway_seconds: int = 0
     """FIELDSYNC_JWT_LEEWAY_SECONDS: clock skew tolerated on `exp`, `nbf` and `iat`. Default 0."""
 
+    max_lifetime_seconds: int = 86_400
+    """FIELDSYNC_JWT_MAX_LIFETIME_SECONDS: a token whose `exp` is further than this from now
+    is refused (INVALID_TOKEN), so a leaked token cannot be valid for years. Default one
+    day; 0 turns the check off."""
+
+    service_audience: str = DEFAULT_SERVICE_AUDIENCE
+    """FIELDSYNC_SERVICE_AUDIENCE: the `aud` of service tokens. `RecordEvents` accepts only
+    a token with this audience and the role `fieldsync:service`; user tokens (audience
+    FIELDSYNC_JWT_AUDIENCE) never carry it. Default `fieldsync-service`; must differ from
+    the user audience."""
+
     def __post_init__(self) -> None:
         sources = [self.secret, self.public_key_path, self.jwks_path]
         configured = sum(1 for s in sources if s)
@@ -110,15 +128,23 @@ class AuthConfig:
             raise ValueError(f"{ENV_AUDIENCE} must not be empty")
         if self.leeway_seconds < 0:
             raise ValueError(f"{ENV_LEEWAY} must not be negative")
+        if self.max_lifetime_seconds < 0:
+            raise ValueError(f"{ENV_MAX_LIFETIME} must not be negative")
+        if not self.service_audience or self.service_audience == self.audience:
+            raise ValueError(f"{ENV_SERVICE_AUDIENCE} must be set and differ from {ENV_AUDIENCE}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> AuthConfig:
         """Read the configuration; an empty variable counts as unset."""
-        leeway_text = env.get(ENV_LEEWAY) or "0"
-        try:
-            leeway = int(leeway_text)
-        except ValueError:
-            raise ValueError(f"{ENV_LEEWAY} must be a whole number of seconds") from None
+
+        def seconds(name: str, default: int) -> int:
+            text = env.get(name) or str(default)
+            try:
+                return int(text)
+            except ValueError:
+                raise ValueError(f"{name} must be a whole number of seconds") from None
+
+        leeway = seconds(ENV_LEEWAY, 0)
         return cls(
             secret=env.get(ENV_SECRET) or None,
             public_key_path=env.get(ENV_PUBLIC_KEY) or None,
@@ -126,6 +152,8 @@ class AuthConfig:
             audience=env.get(ENV_AUDIENCE) or DEFAULT_AUDIENCE,
             issuer=env.get(ENV_ISSUER) or None,
             leeway_seconds=leeway,
+            max_lifetime_seconds=seconds(ENV_MAX_LIFETIME, cls.max_lifetime_seconds),
+            service_audience=env.get(ENV_SERVICE_AUDIENCE) or DEFAULT_SERVICE_AUDIENCE,
         )
 
 
@@ -366,7 +394,7 @@ class TokenVerifier:
                 token,
                 key=key.key,
                 algorithms=list(key.algorithms),
-                audience=self._config.audience,
+                audience=[self._config.audience, self._config.service_audience],
                 issuer=self._config.issuer,
                 leeway=self._config.leeway_seconds,
                 options={"require": self._require},
@@ -400,8 +428,24 @@ class TokenVerifier:
             # Anything else PyJWT or the crypto backend refuses: a bad token,
             # not a server fault, and its text could quote the token.
             raise _invalid("the token is invalid") from None
+        # PyJWT takes a numeric string or a float as a time; RFC 7519 says a
+        # NumericDate is a number, and we take whole seconds only.
+        for name in ("exp", "nbf", "iat"):
+            value = claims.get(name)
+            if (name == "exp" or value is not None) and (
+                type(value) is not int or not 0 <= value < 2**53
+            ):
+                raise _invalid(f"the token's {name!r} claim must be a whole number of seconds")
+        exp: int = claims["exp"]
+        most = self._config.max_lifetime_seconds
+        if most and exp - time.time() > most + self._config.leeway_seconds:
+            raise _invalid(
+                f"the token is valid for longer than this server accepts ({most} seconds)"
+            )
+        aud = claims["aud"]
+        service = self._config.service_audience in ([aud] if isinstance(aud, str) else aud)
         # PyJWT refuses a token once exp <= now - leeway.
-        return _principal_from(claims), float(claims["exp"]) + self._config.leeway_seconds
+        return _principal_from(claims, service), float(exp) + self._config.leeway_seconds
 
     def _key_for(self, token: str) -> _Key:
         if self._fixed is not None:
@@ -431,7 +475,7 @@ def _decode_error_message(exc: jwt.DecodeError) -> str:
     return "the token is not a well-formed JWT"
 
 
-def _principal_from(claims: Mapping[str, Any]) -> Principal:
+def _principal_from(claims: Mapping[str, Any], service: bool) -> Principal:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
         raise _invalid("the token's 'sub' claim must be a non-empty string")
@@ -441,7 +485,7 @@ def _principal_from(claims: Mapping[str, Any]) -> Principal:
     roles = claims.get("roles", [])
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise _invalid("the token's 'roles' claim must be a list of strings")
-    return Principal(sub=sub, tenant_id=tenant_id, roles=frozenset(roles))
+    return Principal(sub=sub, tenant_id=tenant_id, roles=frozenset(roles), service=service)
 
 
 def mint_token(
@@ -508,3 +552,15 @@ def require_role(principal: Principal, role: str) -> None:
             f"this call needs the role {role!r}",
             metadata={"role": role},
         )
+
+
+def require_service(principal: Principal) -> None:
+    """Raise PermissionDenied unless the caller is a service: a token of the service
+    audience (SERVICE_TOKEN_REQUIRED) with the role `fieldsync:service` (ROLE_REQUIRED)."""
+    if not principal.service:
+        raise PermissionDenied(
+            Reason.SERVICE_TOKEN_REQUIRED,
+            "this call takes a service token only (the service audience,"
+            f" FIELDSYNC_SERVICE_AUDIENCE, and the role {SERVICE_ROLE!r})",
+        )
+    require_role(principal, SERVICE_ROLE)

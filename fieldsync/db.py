@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import psycopg
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
@@ -53,11 +55,31 @@ def chunks(items: Sequence[_T], size: int = CHUNK) -> Iterator[Sequence[_T]]:
         yield items[i : i + size]
 
 
-def upgrade_schema(conn: Connection, script_location: Path) -> None:
-    """Run a service's Alembic migrations to head on `conn` (the caller holds its lock)."""
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer release than this one (docs/operations.md)."""
+
+
+def upgrade_schema(
+    conn: Connection, script_location: Path, *, version_table: str = "alembic_version"
+) -> None:
+    """Run a service's Alembic migrations to head on `conn` (the caller holds its lock).
+
+    SchemaTooNew when the database's revision is none this release ships: a newer
+    release migrated it, and this one must not write to a schema it does not know.
+    """
     cfg = Config()
     cfg.set_main_option("script_location", str(script_location))
     cfg.attributes["connection"] = conn
+    context = MigrationContext.configure(conn, opts={"version_table": version_table})
+    current = context.get_current_heads()
+    known = {rev.revision for rev in ScriptDirectory.from_config(cfg).walk_revisions()}
+    unknown = sorted(set(current) - known)
+    if unknown:
+        raise SchemaTooNew(
+            f"the database is at schema revision {', '.join(unknown)}, which this release "
+            "does not know: a newer release migrated it. Run that release, or restore the "
+            "backup taken before the upgrade (docs/operations.md)"
+        )
     command.upgrade(cfg, "head")
 
 

@@ -7,7 +7,8 @@
     ├── NotFound                   NOT_FOUND
     ├── FailedPrecondition         FAILED_PRECONDITION: not in the state the call needs
     ├── Aborted                    ABORTED: lost a race; retrying may succeed
-    └── Unavailable                UNAVAILABLE: the server is stopping; retry
+    ├── ResourceExhausted          RESOURCE_EXHAUSTED: too much in flight; retry later
+    └── Unavailable                UNAVAILABLE: stopping, or its database is down; retry
 
 Every error carries one `Reason` (a stable code, documented in docs/errors.md,
 which a test keeps in step with this enum). `to_status` turns an error into a
@@ -56,6 +57,10 @@ class Reason(StrEnum):
     CONFLICT_STALE = "CONFLICT_STALE"
     INVALID_AUDIT_EVENT = "INVALID_AUDIT_EVENT"
     SHUTTING_DOWN = "SHUTTING_DOWN"
+    MALFORMED_MESSAGE = "MALFORMED_MESSAGE"
+    DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+    SERVICE_TOKEN_REQUIRED = "SERVICE_TOKEN_REQUIRED"
+    SERVER_BUSY = "SERVER_BUSY"
     INTERNAL = "INTERNAL"
 
 
@@ -106,8 +111,27 @@ class Aborted(FieldSyncError):
     code = grpc.StatusCode.ABORTED
 
 
+class ResourceExhausted(FieldSyncError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class Unavailable(FieldSyncError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+# What an error may echo back: a status travels in a trailer (gRPC's default
+# limit on metadata is 8 KB), and a request field can be megabytes long.
+MAX_MESSAGE_CHARS = 1000
+MAX_VIOLATIONS = 1000
+MAX_VIOLATION_CHARS = 300
+
+
+def clip(text: str, most: int = 80) -> str:
+    """`text`, shortened to `most` characters (with a marker) when longer: for quoting
+    a request's value in an error message."""
+    if len(text) <= most:
+        return text
+    return f"{text[: most - 1]}…({len(text)} characters)"
 
 
 def to_status(
@@ -117,18 +141,24 @@ def to_status(
     violations: Sequence[tuple[str, str]] = (),
     metadata: dict[str, str] | None = None,
 ) -> status_pb2.Status:
-    """A google.rpc.Status with ErrorInfo (and BadRequest when there are violations)."""
-    status = status_pb2.Status(code=code.value[0], message=message)
+    """A google.rpc.Status with ErrorInfo (and BadRequest when there are violations).
+
+    Bounded whatever the error holds: a message or violation that quotes a huge
+    request field is clipped, so the status always fits in a trailer.
+    """
+    status = status_pb2.Status(code=code.value[0], message=clip(message, MAX_MESSAGE_CHARS))
     info = error_details_pb2.ErrorInfo(reason=str(reason), domain=ERROR_DOMAIN)
-    info.metadata.update(metadata or {})
+    info.metadata.update({k: clip(v, MAX_VIOLATION_CHARS) for k, v in (metadata or {}).items()})
     detail = any_pb2.Any()
     detail.Pack(info)
     status.details.append(detail)
     if violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                for f, d in violations
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=clip(f, MAX_VIOLATION_CHARS), description=clip(d, MAX_VIOLATION_CHARS)
+                )
+                for f, d in violations[:MAX_VIOLATIONS]
             ]
         )
         detail = any_pb2.Any()

@@ -5,8 +5,11 @@
 1. the caller's bearer token is verified (except for the standard health and
    reflection services, which load balancers and tools call without one) and
    the `Principal` is made available to the handler via `current_principal()`;
-2. errors are turned into statuses, in this one place: a `FieldSyncError`
-   becomes its rich `google.rpc.Status`; anything else is logged with its
+2. a request that does not parse is INVALID_ARGUMENT / MALFORMED_MESSAGE
+   (fieldsync.wire_guard), never a traceback;
+3. errors are turned into statuses, in this one place: a `FieldSyncError`
+   becomes its rich `google.rpc.Status`; a database outage is UNAVAILABLE /
+   DATABASE_UNAVAILABLE (logged as a warning); anything else is logged with its
    traceback (logger "fieldsync") and reaches the caller as an opaque INTERNAL.
 
 Handlers therefore raise domain errors and never call `context.abort` for
@@ -28,6 +31,14 @@ from grpc_status import rpc_status
 
 from fieldsync.auth import Principal, TokenVerifier, bearer_from_metadata, require_role
 from fieldsync.errors import FieldSyncError, internal_status
+from fieldsync.wire_guard import (
+    CallReservation,
+    RequestBudget,
+    check_request,
+    checked_requests,
+    guard_deserializer,
+    outage_error,
+)
 
 __all__ = [
     "UNAUTHENTICATED_METHOD_PREFIXES",
@@ -61,9 +72,12 @@ def current_principal() -> Principal:
 
 @asynccontextmanager
 async def _statuses_for_errors(
-    context: grpc.aio.ServicerContext[Any, Any], method: str
+    context: grpc.aio.ServicerContext[Any, Any],
+    method: str,
+    reservation: CallReservation | None,
 ) -> AsyncIterator[None]:
-    """Abort the RPC with the status an exception raised in the block stands for."""
+    """Abort the RPC with the status an exception raised in the block stands for;
+    give the call's request bytes back to the budget when it ends."""
     try:
         yield
     except grpc.aio.AbortError:
@@ -72,16 +86,24 @@ async def _statuses_for_errors(
         raise
     except FieldSyncError as err:
         await context.abort_with_status(rpc_status.to_status(err.to_status()))
-    except Exception:
+    except Exception as err:
+        outage = outage_error(err)
+        if outage is not None:
+            log.warning("%s: database unavailable: %s", method, _first_line(err))
+            await context.abort_with_status(rpc_status.to_status(outage.to_status()))
         log.exception("unexpected error in %s", method)
         await context.abort_with_status(rpc_status.to_status(internal_status()))
+    finally:
+        if reservation is not None:
+            reservation.release()
 
 
 class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, unused-ignore]
     """Authenticates calls and maps their errors; see the module docstring."""
 
-    def __init__(self, verifier: TokenVerifier) -> None:
+    def __init__(self, verifier: TokenVerifier, budget: RequestBudget | None = None) -> None:
         self._verifier = verifier
+        self.budget = budget  # bytes of requests in flight, in all (fieldsync.wire_guard)
 
     async def intercept_service(
         self,
@@ -106,16 +128,17 @@ class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, un
     def _wrap(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str, metadata: _Metadata | None
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        deserializer = handler.request_deserializer
+        reservation = CallReservation(self.budget) if self.budget is not None else None
+        deserializer = guard_deserializer(handler.request_deserializer, reservation)
         serializer = handler.response_serializer
 
         if handler.unary_unary is not None:
             inner_uu: Callable[..., Any] = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                async with _statuses_for_errors(context, method):
+                async with _statuses_for_errors(context, method, reservation):
                     self._authenticate(metadata)
-                    return await _result(inner_uu(request, context))
+                    return await _result(inner_uu(check_request(request), context))
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, deserializer, serializer)
 
@@ -125,9 +148,10 @@ class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, un
             async def unary_stream(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                async with _statuses_for_errors(context, method):
+                async with _statuses_for_errors(context, method, reservation):
                     self._authenticate(metadata)
-                    async with aclosing(_responses(inner_us(request, context))) as responses:
+                    outcome = inner_us(check_request(request), context)
+                    async with aclosing(_responses(outcome)) as responses:
                         async for response in responses:
                             yield response
 
@@ -139,9 +163,9 @@ class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, un
             async def stream_unary(
                 requests: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> Any:
-                async with _statuses_for_errors(context, method):
+                async with _statuses_for_errors(context, method, reservation):
                     self._authenticate(metadata)
-                    return await _result(inner_su(requests, context))
+                    return await _result(inner_su(checked_requests(requests), context))
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, deserializer, serializer)
 
@@ -151,15 +175,22 @@ class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, un
             async def stream_stream(
                 requests: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                async with _statuses_for_errors(context, method):
+                async with _statuses_for_errors(context, method, reservation):
                     self._authenticate(metadata)
-                    async with aclosing(_responses(inner_ss(requests, context))) as responses:
+                    outcome = inner_ss(checked_requests(requests), context)
+                    async with aclosing(_responses(outcome)) as responses:
                         async for response in responses:
                             yield response
 
             return grpc.stream_stream_rpc_method_handler(stream_stream, deserializer, serializer)
 
         raise TypeError(f"{method}: the RPC method handler has no behaviour")
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception's first line, bounded: a driver's message can run to many lines."""
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
 
 
 async def _result(outcome: Any) -> Any:

@@ -13,9 +13,12 @@ from collections.abc import Sequence
 
 from fieldsync.auth import (
     DEFAULT_AUDIENCE,
+    DEFAULT_SERVICE_AUDIENCE,
     ENV_AUDIENCE,
     ENV_ISSUER,
     ENV_SECRET,
+    ENV_SERVICE_AUDIENCE,
+    SERVICE_ROLE,
     mint_token,
 )
 
@@ -43,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--audience", help=f"the aud claim (default ${ENV_AUDIENCE}, else {DEFAULT_AUDIENCE!r})"
     )
+    parser.add_argument(
+        "--service",
+        action="store_true",
+        help=(
+            f"a service token for RecordEvents: aud ${ENV_SERVICE_AUDIENCE} (else"
+            f" {DEFAULT_SERVICE_AUDIENCE!r}) and the role {SERVICE_ROLE!r}"
+        ),
+    )
     parser.add_argument("--issuer", help=f"the iss claim (default ${ENV_ISSUER}, else none)")
     return parser
 
@@ -56,14 +67,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    audience = args.audience or os.environ.get(ENV_AUDIENCE) or DEFAULT_AUDIENCE
+    roles = list(args.roles)
+    if args.service:
+        audience = args.audience or os.environ.get(ENV_SERVICE_AUDIENCE) or DEFAULT_SERVICE_AUDIENCE
+        roles = [*roles, SERVICE_ROLE] if SERVICE_ROLE not in roles else roles
     try:
         token = mint_token(
             secret,
             sub=args.sub,
             tenant_id=args.tenant,
-            roles=args.roles,
+            roles=roles,
             ttl_seconds=args.ttl,
-            audience=args.audience or os.environ.get(ENV_AUDIENCE) or DEFAULT_AUDIENCE,
+            audience=audience,
             issuer=args.issuer or os.environ.get(ENV_ISSUER) or None,
         )
     except ValueError as exc:

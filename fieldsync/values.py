@@ -20,8 +20,17 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Final, TypeAlias
 
+from fieldsync.errors import InvalidArgument, Reason
 from fieldsync.jsontext import dumps, loads, make_dumps
 from fieldsync.v1 import common_pb2
+
+
+class InvalidValue(InvalidArgument):
+    """A wire Value that breaks its own type's rules (a Timestamp's nanos outside
+    0..999,999,999): INVALID_ARGUMENT wherever it surfaces."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.INVALID_REQUEST, message, violations=[("value", message)])
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +177,10 @@ def from_proto(pv: common_pb2.Value) -> FieldValue:
     if kind == "bool_value":
         return pv.bool_value
     if kind == "timestamp_value":
-        return Timestamp(pv.timestamp_value.seconds * 1_000_000_000 + pv.timestamp_value.nanos)
+        ts = pv.timestamp_value
+        if not 0 <= ts.nanos <= 999_999_999:
+            raise InvalidValue(f"a Timestamp's nanos must be 0 to 999999999, not {ts.nanos}")
+        return Timestamp(ts.seconds * 1_000_000_000 + ts.nanos)
     if kind == "json_value":
         return Json(pv.json_value)
     return pv.bytes_value

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make proto-lint`: buf lint (STANDARD) on protos/, with buf from the npm registry.
-# google/rpc/status.proto comes from the installed googleapis-common-protos,
-# assembled beside our protos in a scratch workspace (buf has no network here).
+# The vendored google/rpc protos (protos/google/) are a dependency module in a
+# scratch workspace, not linted: they are Google's, kept byte for byte.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUF_VERSION=1.75.0
@@ -11,10 +11,9 @@ if [ ! -x .buf/node_modules/.bin/buf ]; then
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cp -r protos "$work/protos"
-googleapis=$(.venv/bin/python -c 'import google.rpc, pathlib; print(pathlib.Path(google.rpc.__path__[0]).parent.parent)')
-mkdir -p "$work/deps/google/rpc"
-cp "$googleapis/google/rpc/status.proto" "$work/deps/google/rpc/"
+mkdir -p "$work/protos" "$work/deps/google"
+cp -r protos/fieldsync "$work/protos/"
+cp -r protos/google/rpc "$work/deps/google/"
 cat > "$work/buf.yaml" <<'YAML'
 version: v2
 modules:

@@ -24,12 +24,12 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
 def _include_dirs() -> list[Path]:
-    import google.rpc  # googleapis-common-protos ships status.proto beside its modules
     import grpc_tools
 
+    # google/rpc/status.proto is vendored in protos/ (protos/README.md); the generated
+    # modules import its Python module from googleapis-common-protos at run time.
     well_known = Path(grpc_tools.__file__).parent / "_proto"
-    googleapis = Path(google.rpc.__path__[0]).parent.parent
-    return [PROTO_ROOT, well_known, googleapis]
+    return [PROTO_ROOT, well_known]
 
 
 def _plugin(name: str) -> Path:

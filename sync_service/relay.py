@@ -9,6 +9,14 @@ twice (a lost acknowledgement, two relays) is harmless. While the audit
 service is down or slow the relay backs off (exponential, with jitter) and
 syncs never wait for it. The backlog (depth, oldest event's age) is logged
 and reflected in the health status of `fieldsync.audit_relay`.
+
+An event the audit service refuses is never parked silently: the audit
+service keeps it as a dead letter and says so (`dead_lettered`), and the
+relay forgets it then, counting it (`RelayStats.dead_lettered`, an ERROR log
+line). Only an audit service that does not keep dead letters (an older one)
+leaves refused events in the outbox; after `max_attempts` refusals they are
+no longer sent, counted as `parked`, logged at every backlog report, and
+`fieldsync.audit_relay` answers NOT_SERVING while any is parked.
 """
 
 from __future__ import annotations
@@ -21,20 +29,24 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from fieldsync.auth import mint_token
+from fieldsync.auth import DEFAULT_SERVICE_AUDIENCE, SERVICE_ROLE, mint_token
+from fieldsync.db import is_outage
+from fieldsync.tls import ClientTLS, TLSError
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 from fieldsync.values import decode, to_proto
 from sync_service.storage.base import OutboxEvent, Storage
 
+if TYPE_CHECKING:
+    from fieldsync.tracing import Tracing
+
 log = logging.getLogger("fieldsync.relay")
 
-SERVICE_ROLE = "fieldsync:service"
 HEALTH_NAME = "fieldsync.audit_relay"
 
 
@@ -51,7 +63,7 @@ class ServiceToken:
         *,
         secret: str | None,
         token_file: str | None,
-        audience: str = "fieldsync",
+        audience: str = DEFAULT_SERVICE_AUDIENCE,
         issuer: str | None = None,
     ) -> None:
         if not secret and not token_file:
@@ -116,6 +128,8 @@ class RelayStats:
     delivered: int = 0
     duplicates: int = 0
     failures: int = 0
+    dead_lettered: int = 0
+    parked: int = 0
     depth: int = 0
     oldest_age_seconds: float = 0.0
 
@@ -133,6 +147,8 @@ class AuditRelay:
         max_backoff: float = 15.0,
         idle_poll: float = 0.5,
         on_health: Callable[[bool], Any] | None = None,
+        tls: ClientTLS | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._storage = storage
         self._addr = audit_addr
@@ -144,6 +160,10 @@ class AuditRelay:
         self._on_health = on_health
         self.stats = RelayStats()
         self._healthy: bool | None = None
+        self._tls = tls
+        self._tracing = tracing
+        self._credentials: grpc.ChannelCredentials | None = None
+        self._tls_stamp: tuple[Any, ...] | None = None
 
     async def run(self) -> None:
         try:
@@ -152,15 +172,16 @@ class AuditRelay:
             # What the audit service answered over this relay's life: "duplicates"
             # are events it already had (a resend after a lost acknowledgement).
             log.info(
-                "audit relay stopped: delivered %d, duplicates %d, failures %d",
+                "audit relay stopped: delivered %d, duplicates %d, failures %d,"
+                " dead-lettered %d, parked %d",
                 self.stats.delivered,
                 self.stats.duplicates,
                 self.stats.failures,
+                self.stats.dead_lettered,
+                self.stats.parked,
             )
 
-    async def _run(self) -> None:
-        backoff = self._min_backoff
-        last_report = 0.0
+    def _channel(self) -> grpc.aio.Channel:
         # gRPC's own reconnect backoff grows to 120 s by default: after a long
         # audit outage the channel would stay down long after the service is
         # back, whatever our retry loop does. Keep it within our own ceiling.
@@ -168,33 +189,64 @@ class AuditRelay:
             ("grpc.initial_reconnect_backoff_ms", max(1, int(self._min_backoff * 1000))),
             ("grpc.max_reconnect_backoff_ms", max(1, int(self._max_backoff * 1000))),
         ]
-        async with grpc.aio.insecure_channel(self._addr, options=options) as channel:
-            stub = audit_pb2_grpc.AuditServiceStub(channel)
-            while True:
-                try:
-                    sent = await self._deliver_once(stub)
-                    backoff = self._min_backoff
-                    await self._set_health(True)
-                    if sent < self._batch:
-                        await asyncio.sleep(self._idle)
-                except grpc.aio.AioRpcError as err:
-                    self.stats.failures += 1
-                    await self._set_health(False)
-                    log.warning(
-                        "audit service unreachable (%s); retrying in %.1fs",
-                        err.code().name,
-                        backoff,
-                    )
-                    await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-                    backoff = min(backoff * 2, self._max_backoff)
-                except Exception:
-                    self.stats.failures += 1
+        interceptors = self._tracing.client_interceptors() if self._tracing else None
+        if self._tls is None:
+            return grpc.aio.insecure_channel(self._addr, options=options, interceptors=interceptors)
+        if self._credentials is None or self._tls_changed():
+            # Files replaced (a rotated client certificate): a new channel with them.
+            self._tls_stamp = self._tls.stamp()
+            try:
+                self._credentials = self._tls.credentials()
+            except TLSError as err:
+                if self._credentials is None:
+                    raise
+                log.warning("audit TLS files changed but cannot be used (%s): keeping the old", err)
+        return grpc.aio.secure_channel(
+            self._addr, self._credentials, options=options, interceptors=interceptors
+        )
+
+    def _tls_changed(self) -> bool:
+        return self._tls is not None and self._tls.stamp() != self._tls_stamp
+
+    async def _run(self) -> None:
+        while True:
+            async with self._channel() as channel:
+                await self._deliver_over(channel)
+
+    async def _deliver_over(self, channel: grpc.aio.Channel) -> None:
+        """Deliver until the TLS files change (then a new channel takes over)."""
+        backoff = self._min_backoff
+        last_report = 0.0
+        stub = audit_pb2_grpc.AuditServiceStub(channel)
+        while not self._tls_changed():
+            try:
+                sent = await self._deliver_once(stub)
+                backoff = self._min_backoff
+                await self._set_health(True)
+                if sent < self._batch:
+                    await asyncio.sleep(self._idle)
+            except grpc.aio.AioRpcError as err:
+                self.stats.failures += 1
+                await self._set_health(False)
+                log.warning(
+                    "audit service unreachable (%s); retrying in %.1fs",
+                    err.code().name,
+                    backoff,
+                )
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, self._max_backoff)
+            except Exception as err:
+                self.stats.failures += 1
+                if is_outage(err):  # the sync database (a full disk, a lost connection)
+                    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    log.warning("audit relay: database unavailable (%s); retrying", first)
+                else:
                     log.exception("audit relay error; retrying in %.1fs", backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, self._max_backoff)
-                if time.monotonic() - last_report > 10:
-                    last_report = time.monotonic()
-                    await self._report_backlog()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._max_backoff)
+            if time.monotonic() - last_report > 10:
+                last_report = time.monotonic()
+                await self._report_backlog()
 
     async def _deliver_once(self, stub: audit_pb2_grpc.AuditServiceAsyncStub) -> int:
         events = await asyncio.to_thread(
@@ -205,16 +257,32 @@ class AuditRelay:
         request = audit_pb2.RecordEventsRequest(events=[event_to_proto(e) for e in events])
         metadata = (("authorization", f"Bearer {self._token.get()}"),)
         try:
-            resp = await stub.RecordEvents(request, metadata=metadata, timeout=30)
+            if self._tracing is None:
+                resp = await stub.RecordEvents(request, metadata=metadata, timeout=30)
+            else:
+                # The events' calls' traces, through the outbox: the span continues the
+                # first and links the others, so RecordEvents joins each trace.
+                parents = [e.payload["traceparent"] for e in events if e.payload.get("traceparent")]
+                with self._tracing.continued("fieldsync.relay deliver", parents):
+                    resp = await stub.RecordEvents(request, metadata=metadata, timeout=30)
         except grpc.aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
             # The audit service stored the valid events and named the bad ones: count
             # a refusal for those so they cannot block the queue, retry the rest.
-            bad = _refused_indexes(err)
+            bad, kept = _refusal(err)
             bad_ids = [events[i].event_id for i in bad if i < len(events)]
-            log.error("audit service refused %d events: %s", len(bad_ids), err.details())
-            await asyncio.to_thread(self._storage.outbox_refused, bad_ids)
+            if kept:
+                log.error(
+                    "audit service refused %d events and kept them as dead letters: %s",
+                    len(bad_ids),
+                    err.details(),
+                )
+                self.stats.dead_lettered += len(bad_ids)
+                await asyncio.to_thread(self._storage.outbox_delivered, bad_ids)
+            else:
+                log.error("audit service refused %d events: %s", len(bad_ids), err.details())
+                await asyncio.to_thread(self._storage.outbox_refused, bad_ids)
             return len(events)
         await asyncio.to_thread(self._storage.outbox_delivered, [e.event_id for e in events])
         self.stats.delivered += resp.recorded
@@ -222,6 +290,7 @@ class AuditRelay:
         return len(events)
 
     async def _set_health(self, ok: bool) -> None:
+        ok = ok and not self.stats.parked
         if ok != self._healthy:
             self._healthy = ok
             if self._on_health is not None:
@@ -229,6 +298,15 @@ class AuditRelay:
 
     async def _report_backlog(self) -> None:
         depth, oldest = await asyncio.to_thread(self._storage.outbox_depth)
+        self.stats.parked = await asyncio.to_thread(self._storage.outbox_parked, self._max_attempts)
+        if self.stats.parked:
+            log.error(
+                "%d audit events parked in the outbox: the audit service refused each %d"
+                " times and keeps no dead letters; they are not delivered",
+                self.stats.parked,
+                self._max_attempts,
+            )
+            await self._set_health(False)
         self.stats.depth = depth
         self.stats.oldest_age_seconds = (time.time_ns() - oldest) / 1e9 if oldest else 0.0
         if depth:
@@ -241,12 +319,18 @@ class AuditRelay:
             )
 
 
-def _refused_indexes(err: grpc.aio.AioRpcError) -> Sequence[int]:
+def _refusal(err: grpc.aio.AioRpcError) -> tuple[Sequence[int], bool]:
+    """The indexes of the refused events, and whether the audit service kept them."""
     status = rpc_status.from_call(err)
     out: list[int] = []
+    kept = False
     if status is None:
-        return out
+        return out, kept
     for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            kept = "dead_lettered" in info.metadata
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
@@ -256,4 +340,4 @@ def _refused_indexes(err: grpc.aio.AioRpcError) -> Sequence[int]:
                 if head.startswith("events["):
                     with contextlib.suppress(ValueError):
                         out.append(int(head[len("events[") :]))
-    return sorted(set(out))
+    return sorted(set(out)), kept

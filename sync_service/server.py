@@ -15,13 +15,25 @@ import logging
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
-from fieldsync.auth import TokenVerifier
+from fieldsync.auth import DEFAULT_SERVICE_AUDIENCE, TokenVerifier
 from fieldsync.interceptors import FieldSyncInterceptor
-from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event, tune_gc
+from fieldsync.metrics import SyncMetrics
+from fieldsync.operations import Operations
+from fieldsync.serving import (
+    NOT_SERVING,
+    SERVING,
+    add_health,
+    enable_reflection,
+    listen,
+    set_health,
+    stop_event,
+    tune_gc,
+)
 from fieldsync.v1 import sync_pb2, sync_pb2_grpc
+from fieldsync.wire_guard import RequestBudget
+from sync_service.api.observe import request_hook
 from sync_service.api.servicer import SyncServicer
 from sync_service.config import SyncConfig
 from sync_service.feed import ChangeNotifier
@@ -31,6 +43,7 @@ from sync_service.schema_file import load_schema
 from sync_service.storage.engine import ChangeListener
 from sync_service.storage.sql import SqlStorage
 from sync_service.writes.applier import Applier
+from sync_service.writes.metrics import WriteMetrics
 
 log = logging.getLogger("fieldsync.sync")
 
@@ -48,6 +61,7 @@ class SyncApp:
     notifier: ChangeNotifier | None = None
     relay_task: asyncio.Task[None] | None = None
     feed_listener: ChangeListener | None = None
+    ops: Operations[SyncMetrics] | None = None
 
     @classmethod
     def from_config(cls, config: SyncConfig) -> SyncApp:
@@ -60,16 +74,31 @@ class SyncApp:
             pool_size=config.db_pool_size,
             record_cache=config.record_cache,
         )
-        storage.migrate()
+        try:
+            storage.migrate()
+            previous = storage.serve_schema(
+                schema.version, allow_downgrade=config.allow_schema_downgrade
+            )
+        except BaseException:
+            storage.close()
+            raise
+        if previous is not None and schema.version < previous:
+            log.warning("serving schema version %d below %d (forced)", schema.version, previous)
         applier = Applier(storage, schema, max_batch=config.max_batch)
         return cls(config, storage, applier, TokenVerifier(config.auth))
 
     def server_options(self) -> list[tuple[str, int]]:
         n = self.config.max_message_bytes
-        return [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
+        return [
+            ("grpc.max_receive_message_length", n),
+            ("grpc.max_send_message_length", n),
+            *self.config.limits.options(),
+        ]
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [FieldSyncInterceptor(self.verifier)]
+        ops = self.ops.interceptors(request_hook(self.ops.metrics)) if self.ops else []
+        budget = RequestBudget(self.config.max_inflight_request_bytes)
+        return [*ops, FieldSyncInterceptor(self.verifier, budget)]
 
     def add_services(self, server: grpc.aio.Server) -> health.aio.HealthServicer:
         """Register the sync, health and reflection services, and start the audit relay.
@@ -83,6 +112,7 @@ class SyncApp:
             self.notifier,
             pull_page_size=self.config.pull_page_size,
             subscribe_poll_seconds=self.config.subscribe_poll_seconds,
+            trace_source=self.ops.tracing.traceparent if self.ops and self.ops.tracing else None,
         )
         sync_pb2_grpc.add_SyncServiceServicer_to_server(servicer, server)
         # Commits of other instances (PostgreSQL) wake this one's Subscribe streams at once.
@@ -91,11 +121,8 @@ class SyncApp:
         )
         if self.feed_listener is not None:
             self.feed_listener.start()
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        health_servicer = add_health(server)
+        enable_reflection(server, [SERVICE_NAME])
         if self.config.relay_enabled:
             self.relay_task = asyncio.get_running_loop().create_task(
                 self._run_relay(health_servicer), name="audit-relay"
@@ -103,11 +130,19 @@ class SyncApp:
         return health_servicer
 
     async def _run_relay(self, health_servicer: health.aio.HealthServicer) -> None:
+        try:
+            await self._relay(health_servicer)
+        except Exception:
+            # Said now, in the log and the relay's health, not as a traceback at SIGTERM.
+            log.exception("the audit relay stopped: audit events stay in the outbox")
+            await health_servicer.set(RELAY_HEALTH_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _relay(self, health_servicer: health.aio.HealthServicer) -> None:
         auth = self.config.auth
         token = ServiceToken(
             secret=self.config.jwt_secret,
             token_file=self.config.service_token_file,
-            audience=auth.audience if auth else "fieldsync",
+            audience=auth.service_audience if auth else DEFAULT_SERVICE_AUDIENCE,
             issuer=auth.issuer if auth else None,
         )
 
@@ -123,6 +158,8 @@ class SyncApp:
             self.storage,
             self.config.audit_addr,
             token,
+            tls=self.config.audit_tls(),
+            tracing=self.ops.tracing if self.ops else None,
             batch_size=self.config.relay_batch_size,
             max_backoff=self.config.relay_max_backoff_seconds,
             on_health=on_health,
@@ -164,16 +201,32 @@ class SyncApp:
 async def serve(config: SyncConfig) -> None:
     # Signals first: a SIGTERM during startup (migrations) still ends gracefully.
     stop = stop_event()
+    ops = Operations.start(
+        "fieldsync-sync",
+        tls=config.server_tls(),
+        metrics=SyncMetrics() if config.metrics_addr else None,
+        metrics_addr=config.metrics_addr,
+        log_calls=config.log_calls,
+        tracing=config.tracing,
+    )
+    audit_tls = config.audit_tls()
+    if audit_tls is not None and config.relay_enabled:
+        audit_tls.credentials()  # bad files are a start error, not a relay that never connects
     app = SyncApp.from_config(config)
+    app.ops = ops
+    if ops.metrics is not None:
+        app.applier.observer = WriteMetrics(ops.metrics, app.applier.schema)
+    if ops.metrics is not None:
+        ops.metrics.watch_outbox(app.storage.outbox_depth)
     tune_gc()
     server = grpc.aio.server(interceptors=app.interceptors(), options=app.server_options())
     health_servicer = app.add_services(server)
     names = ("", SERVICE_NAME)
-    port = await listen(server, config.addr, health_servicer, names)
+    ops.serve_metrics(log)
+    port = await listen(server, config.addr, health_servicer, names, ops.credentials)
     await app.wait_feed_listener()
     await set_health(health_servicer, names, SERVING)
-    host = config.addr.rsplit(":", 1)[0]
-    log.info("sync service listening on %s:%d (database %s)", host, port, app.storage.dialect)
+    ops.announce(log, "sync service", config.addr, port, app.storage.dialect)
 
     await stop.wait()
     log.info("stopping: finishing calls in flight (grace %.1fs)", config.shutdown_grace_seconds)
@@ -189,4 +242,5 @@ async def serve(config: SyncConfig) -> None:
     await app.subscriptions_ended(config.shutdown_grace_seconds)
     await app.stop_relay()
     app.close()
+    ops.close()
     log.info("stopped")

@@ -71,7 +71,11 @@ def free_port() -> int:
         return port
 
 
-def fast_reconnect_channel(address: str) -> grpc.Channel:
+def fast_reconnect_channel(
+    address: str, credentials: grpc.ChannelCredentials | None = None
+) -> grpc.Channel:
+    if credentials is not None:
+        return grpc.secure_channel(address, credentials, options=_FAST_RECONNECT)
     return grpc.insecure_channel(address, options=_FAST_RECONNECT)
 
 
@@ -94,6 +98,8 @@ class SyncProcess:
     popen: subprocess.Popen[bytes]
     _stderr_file: IO[bytes] = field(repr=False)
     module: str = "sync_service"
+    credentials: grpc.ChannelCredentials | None = field(default=None, repr=False)
+    """How to reach a service that serves TLS (None: plaintext)."""
 
     @property
     def pid(self) -> int:
@@ -125,7 +131,7 @@ class SyncProcess:
         """Poll the health check (no token) until both names answer SERVING."""
         deadline = time.monotonic() + timeout
         pending = ["", _SERVICE_NAMES[self.module]]
-        with fast_reconnect_channel(self.address) as channel:
+        with fast_reconnect_channel(self.address, self.credentials) as channel:
             while pending:
                 if not self.alive():
                     raise RuntimeError(f"the service exited before it was ready: {self.describe()}")
@@ -197,7 +203,7 @@ def _service_env(
     module: str, address: str, db_url: str, secret: str, extra: Mapping[str, str]
 ) -> dict[str, str]:
     # Nothing from the developer's own FIELDSYNC_* settings leaks into the test.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDSYNC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FIELDSYNC_", "OTEL_"))}
     env.update({"FIELDSYNC_JWT_SECRET": secret, "PYTHONUNBUFFERED": "1"})
     if module == "sync_service":
         env["FIELDSYNC_SYNC_ADDR"] = address
@@ -218,13 +224,23 @@ def start_sync_service(
     secret: str = SECRET,
     env: Mapping[str, str] | None = None,
     ready_timeout: float = READY_TIMEOUT,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> SyncProcess:
     """Start the service on a fresh port; return once its health check says SERVING.
 
     `env` adds or overrides FIELDSYNC_* settings (e.g. FIELDSYNC_SHUTDOWN_GRACE).
-    The process runs in `log_dir`, which also holds its stderr file.
+    The process runs in `log_dir`, which also holds its stderr file. A service
+    serving TLS is probed with `credentials`.
     """
-    return _start("sync_service", db_url, log_dir, secret=secret, env=env, ready=ready_timeout)
+    return _start(
+        "sync_service",
+        db_url,
+        log_dir,
+        secret=secret,
+        env=env,
+        ready=ready_timeout,
+        credentials=credentials,
+    )
 
 
 def start_audit_service(
@@ -235,6 +251,7 @@ def start_audit_service(
     secret: str = SECRET,
     env: Mapping[str, str] | None = None,
     ready_timeout: float = READY_TIMEOUT,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> SyncProcess:
     """Start `python -m audit_service` (on `address`, or a fresh port) until SERVING."""
     return _start(
@@ -245,6 +262,7 @@ def start_audit_service(
         env=env,
         ready=ready_timeout,
         address=address,
+        credentials=credentials,
     )
 
 
@@ -257,6 +275,7 @@ def _start(
     env: Mapping[str, str] | None,
     ready: float,
     address: str | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> SyncProcess:
     log_dir.mkdir(parents=True, exist_ok=True)
     address = address or f"127.0.0.1:{free_port()}"
@@ -275,7 +294,9 @@ def _start(
     except BaseException:
         stderr_file.close()
         raise
-    proc = SyncProcess(address, db_url, secret, stderr_path, popen, stderr_file, module)
+    proc = SyncProcess(
+        address, db_url, secret, stderr_path, popen, stderr_file, module, credentials
+    )
     try:
         proc.wait_until_serving(ready)
     except BaseException:

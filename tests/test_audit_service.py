@@ -37,6 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from sqlalchemy import create_engine, inspect
+from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 import audit_service.commands
@@ -48,7 +49,7 @@ from audit_service.server import SERVICE_NAME, AuditApp
 from audit_service.storage import MIGRATIONS, SqlAuditStorage
 from audit_service.tables import VERSION_TABLE, metadata
 from fieldsync.audit_kinds import EventKind
-from fieldsync.auth import AuthConfig, mint_token
+from fieldsync.auth import DEFAULT_SERVICE_AUDIENCE, AuthConfig, mint_token
 from fieldsync.db import normalize_url
 from fieldsync.v1 import audit_pb2, audit_pb2_grpc
 from fieldsync.values import FieldValue, Json, Timestamp, fields_from_proto, same, to_proto
@@ -78,14 +79,21 @@ CALL_TIMEOUT = 30.0  # a safety net for a wedged server, never reached when it w
 Metadata = tuple[tuple[str, str], ...]
 
 
-def md(*, tenant: str = ACME, sub: str = "someone", roles: Sequence[str] = ()) -> Metadata:
-    tok = mint_token(SECRET, sub=sub, tenant_id=tenant, roles=list(roles))
+def md(
+    *, tenant: str = ACME, sub: str = "someone", roles: Sequence[str] = (), aud: str = "fieldsync"
+) -> Metadata:
+    tok = mint_token(SECRET, sub=sub, tenant_id=tenant, roles=list(roles), audience=aud)
     return (("authorization", f"Bearer {tok}"),)
 
 
 def service() -> Metadata:
     """The sync service's token: its own tenant claim says nothing about the events."""
-    return md(tenant="fieldsync-system", sub="sync-service", roles=["fieldsync:service"])
+    return md(
+        tenant="fieldsync-system",
+        sub="sync-service",
+        roles=["fieldsync:service"],
+        aud=DEFAULT_SERVICE_AUDIENCE,
+    )
 
 
 def auditor(tenant: str = ACME) -> Metadata:
@@ -507,9 +515,23 @@ def test_record_events_stores_once_and_counts_duplicates(audit: AuditEnv) -> Non
 )
 def test_record_events_needs_the_service_role(audit: AuditEnv, roles: list[str]) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        audit.record(ev("e1"), metadata=md(roles=roles))
+        audit.record(ev("e1"), metadata=md(roles=roles, aud=DEFAULT_SERVICE_AUDIENCE))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert rpc_reason(err.value) == "ROLE_REQUIRED"
+    assert audit.ids() == []
+    # Once the role is there, the event was not half-recorded: it is new.
+    assert audit.record(ev("e1")).recorded == 1
+
+
+@pytest.mark.parametrize("tenant", [ACME, GLOBEX, "fieldsync-system"])
+def test_record_events_refuses_a_user_token_even_with_the_service_role(
+    audit: AuditEnv, tenant: str
+) -> None:
+    # Issue 21: any tenant's user token with the role could write any tenant's events.
+    with pytest.raises(grpc.RpcError) as err:
+        audit.record(ev("e1"), metadata=md(tenant=tenant, roles=["fieldsync:service"]))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert rpc_reason(err.value) == "SERVICE_TOKEN_REQUIRED"
     assert audit.ids() == []
     # Once the role is there, the event was not half-recorded: it is new.
     assert audit.record(ev("e1")).recorded == 1
@@ -554,7 +576,8 @@ def test_malformed_events_are_named_and_the_valid_ones_beside_them_are_stored(
         "events[7].tenant_id": "required",
         "events[9].record_id": "at most 500 characters",
     }
-    assert error_metadata(err.value) == {"recorded": "3", "duplicates": "0"}
+    # The malformed ones are kept whole as dead letters (issue 21), never lost.
+    assert error_metadata(err.value) == {"recorded": "3", "duplicates": "0", "dead_lettered": "7"}
     assert audit.ids() == ["good-0", "good-2"]
     assert audit.ids(auditor(GLOBEX)) == ["good-8"]
 
@@ -562,7 +585,11 @@ def test_malformed_events_are_named_and_the_valid_ones_beside_them_are_stored(
     # are duplicates now, and a batch of only those succeeds.
     with pytest.raises(grpc.RpcError) as again:
         audit.record(*batch)
-    assert error_metadata(again.value) == {"recorded": "0", "duplicates": "3"}
+    assert error_metadata(again.value) == {
+        "recorded": "0",
+        "duplicates": "3",
+        "dead_lettered": "7",
+    }
     fixed = audit.record(batch[0], batch[2], batch[8])
     assert (fixed.recorded, fixed.duplicates) == (0, 3)
 
@@ -884,7 +911,10 @@ def test_prune_command_deletes_older_events_and_says_how_many(
     )
     clean_env.setenv("FIELDSYNC_AUDIT_DB", storage_url)
     assert audit_main(["prune", "--older-than-days", "30"]) == 0
-    assert "pruned 2 audit events" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "pruned 2 audit events" in said
+    # It names the database it touched (a PostgreSQL password is never shown).
+    assert said.rstrip().endswith(f"from {make_url(storage_url).render_as_string()}")
     left = storage.query(EventFilter(ACME), after_seq=0, limit=10).events
     assert [s.event.event_id for s in left] == ["recent", "today"]
 
@@ -897,6 +927,20 @@ def test_prune_command_deletes_older_events_and_says_how_many(
     assert [
         s.event.event_id for s in storage.query(EventFilter(ACME), after_seq=0, limit=10).events
     ] == ["today"]
+
+
+def test_prune_command_never_creates_a_database(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A wrong FIELDSYNC_AUDIT_DB (or none: ./fieldsync-audit.db) used to create and migrate
+    # an empty database and say "pruned 0": now it says which database is missing.
+    missing = tmp_path / "nowhere" / "audit.db"
+    clean_env.setenv("FIELDSYNC_AUDIT_DB", f"sqlite:///{missing}")
+    assert audit_main(["prune", "--older-than-days", "30"]) == 1
+    err = capsys.readouterr().err
+    assert f"no audit database at sqlite:///{missing}" in err
+    assert "FIELDSYNC_AUDIT_DB" in err
+    assert not missing.parent.exists()
 
 
 def test_prune_command_needs_an_age(

@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc  # type: ignore[import-untyped, unused-ignore]  # stubs: types-grpcio
 import pytest
 from google.protobuf import descriptor_pb2
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from fieldsync.auth import mint_token
@@ -131,6 +131,65 @@ def test_reflection_lists_the_sync_service_and_describes_it(channel: grpc.Channe
     (svc,) = sync_file.service
     assert svc.name == "SyncService"
     assert {"ApplyBatch", "Sync", "Pull", "Subscribe", "GetSchema"} <= {m.name for m in svc.method}
+
+
+def test_health_list_answers_every_name_and_logs_no_error(
+    service: SyncProcess, channel: grpc.Channel
+) -> None:
+    # grpcio's servicer had no List: UNIMPLEMENTED and an ERROR traceback per call.
+    listed = health_pb2_grpc.HealthStub(channel).List(
+        health_pb2.HealthListRequest(), timeout=CALL_TIMEOUT
+    )
+    statuses = {name: s.status for name, s in listed.statuses.items()}
+    assert statuses[""] == health_pb2.HealthCheckResponse.SERVING
+    assert statuses[SYNC_SERVICE_NAME] == health_pb2.HealthCheckResponse.SERVING
+    for name, status in statuses.items():  # the same answers Check gives
+        assert health_status(channel, name) == status
+    assert "ERROR" not in service.stderr_text()
+    assert "Traceback" not in service.stderr_text()
+
+
+def test_reflection_v1_is_served_beside_v1alpha(channel: grpc.Channel) -> None:
+    # grpcurl and Postman try v1 first. The messages are v1alpha's under another package.
+    v1 = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    listing, described, reflected = v1(
+        iter(
+            [
+                reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol=SYNC_SERVICE_NAME),
+                reflection_pb2.ServerReflectionRequest(
+                    file_containing_symbol="grpc.reflection.v1.ServerReflection"
+                ),
+            ]
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+    names = {s.name for s in listing.list_services_response.service}
+    assert {
+        SYNC_SERVICE_NAME,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in described.file_descriptor_response.file_descriptor_proto
+    ]
+    assert any(f.package == "fieldsync.v1" and f.service for f in files)
+    (v1_file, *_) = (
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in reflected.file_descriptor_response.file_descriptor_proto
+    )
+    assert (v1_file.name, v1_file.package) == (
+        "grpc/reflection/v1/reflection.proto",
+        "grpc.reflection.v1",
+    )
+    (method,) = v1_file.service[0].method
+    assert method.input_type == ".grpc.reflection.v1.ServerReflectionRequest"
 
 
 # -- authentication -------------------------------------------------------------

@@ -8,11 +8,17 @@ spread over five tenants), each sending its mutations in batches, one batch
 after another -> aggregate mutations/s, batch latency percentiles, and
 errors (failed calls plus REJECTED results: the workload has none that
 should be). `run_concurrent` is shared with concurrent_pg.
+
+latency_metrics: the latency run again in each repetition, with the
+Prometheus endpoint on (tracing off); `ratio_vs_metrics_off` is its p50 over
+the p50 without metrics in the same repetition. The two alternate which goes
+first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from bench import driver, procs, workload
 from bench.context import Ctx
@@ -22,6 +28,7 @@ from fieldsync.v1 import sync_pb2
 
 WARMUP_CALLS = 20
 TENANTS = 5
+METRICS_ON = {"FIELDSYNC_SYNC_METRICS_ADDR": "127.0.0.1:0"}
 
 
 def _requests(client_id: str, mutations: Sequence[sync_pb2.Mutation], batch: int) -> list[bytes]:
@@ -80,34 +87,32 @@ def run(ctx: Ctx) -> dict[str, Figures]:
     muts = workload.rounds_workload("lat-", max(1, s.latency_calls // 10), s.latency_calls)
     reqs = [workload.apply_batch_bytes("lat", [m]) for m in muts]
     latency_runs: list[Figures] = []
+    metrics_runs: list[Figures] = []
     concurrent_runs: list[Figures] = []
     for rep in ctx.repetitions("latency+concurrent"):
         folder = ctx.folder(f"latency-{rep}")
-        proc = procs.start_sync(f"sqlite:///{folder / 'sync.db'}", ctx.audit_addr, folder)
-        with procs.running(proc):
-            driver.apply_sequential(
-                proc.address, workload.metadata(sub="warm"), warm_reqs, deadline=60
-            )
-            t = driver.apply_sequential(
-                proc.address, workload.metadata(sub="lat"), reqs, deadline=s.latency_cap
-            )
-        p50 = percentile(t.latencies_ms, 50)
-        latency_runs.append(
-            {
-                "value": round(p50, 3),
-                "p50_ms": round(p50, 3),
-                "p90_ms": round(percentile(t.latencies_ms, 90), 3),
-                "p99_ms": round(percentile(t.latencies_ms, 99), 3),
-                "max_ms": round(max(t.latencies_ms, default=0.0), 3),
-                "calls": len(t.latencies_ms),
-                "errors": len(t.errors) + t.statuses["rejected"],
-                "truncated": t.truncated,
-                "first_error": t.errors[0] if t.errors else "",
-            }
+        metrics_folder = ctx.folder(f"latency-metrics-{rep}")
+        if rep % 2:
+            with_metrics = _latency_run(ctx, metrics_folder, warm_reqs, reqs, METRICS_ON)
+            plain = _latency_run(ctx, folder, warm_reqs, reqs)
+        else:
+            plain = _latency_run(ctx, folder, warm_reqs, reqs)
+            with_metrics = _latency_run(ctx, metrics_folder, warm_reqs, reqs, METRICS_ON)
+        on, off = with_metrics["p50_ms"], plain["p50_ms"]
+        ratio = on / off if isinstance(on, float) and isinstance(off, float) and off else 0.0
+        with_metrics["ratio_vs_metrics_off"] = round(ratio, 4)
+        on_cpu, off_cpu = with_metrics["cpu_us_per_call"], plain["cpu_us_per_call"]
+        with_metrics["cpu_ratio_vs_metrics_off"] = (
+            round(on_cpu / off_cpu, 4)
+            if isinstance(on_cpu, float) and isinstance(off_cpu, float) and off_cpu
+            else 0.0
         )
+        latency_runs.append(plain)
+        metrics_runs.append(with_metrics)
         ctx.log(
-            f"latency rep {rep + 1}/{ctx.reps}: p50 {latency_runs[-1]['p50_ms']} ms, "
-            f"p99 {latency_runs[-1]['p99_ms']} ms over {len(t.latencies_ms)} calls"
+            f"latency rep {rep + 1}/{ctx.reps}: p50 {plain['p50_ms']} ms, "
+            f"p99 {plain['p99_ms']} ms over {plain['calls']} calls; with metrics "
+            f"p50 {with_metrics['p50_ms']} ms"
         )
 
         folder = ctx.folder(f"concurrent-{rep}")
@@ -121,5 +126,37 @@ def run(ctx: Ctx) -> dict[str, Figures]:
         )
     return {
         "latency": summarize("ms (p50)", latency_runs),
+        "latency_metrics": summarize("ms (p50)", metrics_runs),
         "concurrent": summarize("mutations/s", concurrent_runs),
+    }
+
+
+def _latency_run(
+    ctx: Ctx,
+    folder: Path,
+    warm_reqs: list[bytes],
+    reqs: list[bytes],
+    extra: dict[str, str] | None = None,
+) -> Figures:
+    proc = procs.start_sync(f"sqlite:///{folder / 'sync.db'}", ctx.audit_addr, folder, extra=extra)
+    with procs.running(proc):
+        driver.apply_sequential(proc.address, workload.metadata(sub="warm"), warm_reqs, deadline=60)
+        cpu = procs.cpu_seconds(proc.pid)
+        t = driver.apply_sequential(
+            proc.address, workload.metadata(sub="lat"), reqs, deadline=ctx.sizes.latency_cap
+        )
+        cpu = procs.cpu_seconds(proc.pid) - cpu
+    p50 = percentile(t.latencies_ms, 50)
+    return {
+        "value": round(p50, 3),
+        # The service's CPU time per call: steadier than wall time on a busy machine.
+        "cpu_us_per_call": round(cpu * 1e6 / max(1, len(t.latencies_ms)), 1),
+        "p50_ms": round(p50, 3),
+        "p90_ms": round(percentile(t.latencies_ms, 90), 3),
+        "p99_ms": round(percentile(t.latencies_ms, 99), 3),
+        "max_ms": round(max(t.latencies_ms, default=0.0), 3),
+        "calls": len(t.latencies_ms),
+        "errors": len(t.errors) + t.statuses["rejected"],
+        "truncated": t.truncated,
+        "first_error": t.errors[0] if t.errors else "",
     }

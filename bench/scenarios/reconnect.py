@@ -8,7 +8,10 @@ is serialized once, and in every repetition it goes
 - through the plain SQLAlchemy Core loop on a fresh SQLite file (storage_floor),
 - through `Sync` to the in-bench server that stores nothing (transport_floor),
 
-so each ratio compares two figures of the same repetition. `seed_and_stream`
+so each ratio compares two figures of the same repetition. The reconnect also
+runs a second time in each repetition with the Prometheus endpoint on
+(reconnect_sqlite_metrics, tracing off): its ratio to the run without metrics
+is the cost of metrics. The two alternate which goes first. `seed_and_stream`
 is the reconnect itself, shared with store_size and reconnect_pg.
 """
 
@@ -24,6 +27,7 @@ from bench.stats import Figures, summarize
 
 UNIT = "mutations/s"
 SETUP_DEADLINE = 600.0  # setup is not timed, only bounded
+METRICS_ON = {"FIELDSYNC_SYNC_METRICS_ADDR": "127.0.0.1:0"}
 
 
 class SetupFailed(RuntimeError):
@@ -101,11 +105,26 @@ def run(ctx: Ctx) -> dict[str, Figures]:
     plain_setup = storage_floor.plain(prep.load.seed_batches + prep.load.desk_batches)
     plain_queue = storage_floor.plain(prep.load.queue_batches)
     service_runs: list[Figures] = []
+    metrics_runs: list[Figures] = []
     floor_runs: list[Figures] = []
     transport_runs: list[Figures] = []
     for rep in ctx.repetitions("reconnect"):
         folder = ctx.folder(f"reconnect-{rep}")
-        svc = _service_run(ctx, folder, prep)
+        if rep % 2:
+            with_metrics = _service_run(
+                ctx, ctx.folder(f"reconnect-metrics-{rep}"), prep, METRICS_ON
+            )
+            svc = _service_run(ctx, folder, prep)
+        else:
+            svc = _service_run(ctx, folder, prep)
+            with_metrics = _service_run(
+                ctx, ctx.folder(f"reconnect-metrics-{rep}"), prep, METRICS_ON
+            )
+        with_metrics["ratio_vs_metrics_off"] = _ratio(with_metrics["value"], svc["value"])
+        with_metrics["cpu_ratio_vs_metrics_off"] = _ratio(
+            with_metrics["cpu_us_per_mutation"], svc["cpu_us_per_mutation"]
+        )
+        metrics_runs.append(with_metrics)
         floor = _storage_floor_run(folder, prep, plain_setup, plain_queue, s.reconnect_cap)
         transport = _transport_run(folder, prep, s.reconnect_cap)
         svc["ratio_vs_storage_floor"] = _ratio(svc["value"], floor["value"])
@@ -116,12 +135,14 @@ def run(ctx: Ctx) -> dict[str, Figures]:
         ctx.log(
             f"reconnect rep {rep + 1}/{ctx.reps}: service {svc['value']:.0f}/s "
             f"({svc['mutations']} in {svc['seconds']:.1f}s), storage floor {floor['value']:.0f}/s, "
-            f"transport floor {transport['value']:.0f}/s"
+            f"transport floor {transport['value']:.0f}/s, "
+            f"with metrics {with_metrics['value']:.0f}/s"
         )
     return {
         "reconnect_sqlite": summarize(UNIT, service_runs),
         "storage_floor": summarize(UNIT, floor_runs),
         "transport_floor": summarize(UNIT, transport_runs),
+        "reconnect_sqlite_metrics": summarize(UNIT, metrics_runs),
     }
 
 
@@ -131,11 +152,18 @@ def _ratio(a: object, b: object) -> float:
     return 0.0
 
 
-def _service_run(ctx: Ctx, folder: Path, prep: Prepared) -> Figures:
-    proc = procs.start_sync(f"sqlite:///{folder / 'sync.db'}", ctx.audit_addr, folder)
+def _service_run(
+    ctx: Ctx, folder: Path, prep: Prepared, extra: dict[str, str] | None = None
+) -> Figures:
+    proc = procs.start_sync(f"sqlite:///{folder / 'sync.db'}", ctx.audit_addr, folder, extra=extra)
     with procs.running(proc):
-        tally = seed_and_stream(proc.address, prep, cap=ctx.sizes.reconnect_cap)
+        seed(proc.address, prep)
+        cpu = procs.cpu_seconds(proc.pid)
+        tally = stream(proc.address, prep, cap=ctx.sizes.reconnect_cap)
+        cpu = procs.cpu_seconds(proc.pid) - cpu
         figures = tally_figures(tally)
+        # The service's CPU time per mutation: steadier than wall time on a busy machine.
+        figures["cpu_us_per_mutation"] = round(cpu * 1e6 / max(1, tally.mutations), 2)
         figures["service_peak_rss_mb"] = round(procs.vm_hwm_kib(proc.pid) / 1024, 1)
     return figures
 

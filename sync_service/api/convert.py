@@ -18,13 +18,32 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from fieldsync.errors import InvalidArgument, Reason
 from fieldsync.textops import Delete, Insert, Retain, TextOp
 from fieldsync.v1 import common_pb2, sync_pb2
-from fieldsync.values import fields_from_proto, fields_to_proto, to_proto
+from fieldsync.values import InvalidValue, fields_from_proto, fields_to_proto, to_proto
+from sync_service.rules.limits import mutation_problem
 from sync_service.rules.textedits import MAX_TEXT_OPS
 from sync_service.storage.base import FeedRecord, StoredConflict, StoredRecord
 from sync_service.writes.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome
 
 
 def mutation_from_proto(pm: sync_pb2.Mutation) -> MutationIn:
+    """The mutation; one that cannot be read or stored carries why in `invalid`, and
+    is rejected by the applier, consuming its sequence (a resend is the same bytes)."""
+    wrong = mutation_problem(pm.mutation_id, pm.collection, pm.record_id)
+    if wrong is not None:
+        return _unreadable(pm, f"mutation.{wrong[0]}: {wrong[1]}")
+    try:
+        return _mutation_from_proto(pm)
+    except InvalidValue as err:
+        return _unreadable(pm, err.message)
+
+
+def _unreadable(pm: sync_pb2.Mutation, why: str) -> MutationIn:
+    return MutationIn(
+        pm.mutation_id, pm.client_seq, pm.op, pm.collection, pm.record_id, {}, 0, invalid=why
+    )
+
+
+def _mutation_from_proto(pm: sync_pb2.Mutation) -> MutationIn:
     # Positional, and maps read only when set: this runs for every mutation.
     fields = pm.fields
     base_fields = pm.base_fields
@@ -66,6 +85,8 @@ def _text_edits_from_proto(pm: sync_pb2.Mutation, m: MutationIn) -> None:
 
 
 def _nanos(ts: Timestamp) -> int:
+    if not 0 <= ts.nanos <= 999_999_999:
+        raise InvalidValue(f"client_time's nanos must be 0 to 999999999, not {ts.nanos}")
     return ts.seconds * 1_000_000_000 + ts.nanos
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
 
 from fieldsync.auth import Principal
-from fieldsync.errors import InvalidArgument, Reason
+from fieldsync.errors import InvalidArgument, Reason, clip
 from fieldsync.interceptors import current_principal
 from fieldsync.v1 import sync_pb2, sync_pb2_grpc
 from fieldsync.values import fields_from_proto
@@ -33,6 +34,7 @@ from sync_service.api.convert import (
 )
 from sync_service.api.inbox import READ_AHEAD, Inbox
 from sync_service.feed import ChangeNotifier, decode_cursor, encode_cursor
+from sync_service.rules.limits import MAX_RECORD_ID_LENGTH, problem
 from sync_service.storage.base import Storage
 from sync_service.writes.applier import Applier
 from sync_service.writes.model import BatchIn
@@ -56,8 +58,11 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         *,
         pull_page_size: int = 500,
         subscribe_poll_seconds: float = 1.0,
+        trace_source: Callable[[], str | None] | None = None,
     ) -> None:
         self._applier = applier
+        # With tracing on: the current call's traceparent, stamped on its batches.
+        self._trace_source = trace_source
         self._storage = storage
         self._notifier = notifier
         self._writes = WriteScheduler(
@@ -184,7 +189,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         if batch.client_id and batch.client_id != client_id:
             raise InvalidArgument(
                 Reason.CLIENT_ID_MISMATCH,
-                f"batch client_id {batch.client_id!r} differs from the hello's",
+                f"batch client_id {clip(batch.client_id)!r} differs from the hello's",
                 violations=[("batch.client_id", "must equal hello.client_id")],
             )
         batch = BatchIn(client_id, batch.schema_version or schema_version, batch.mutations)
@@ -195,6 +200,8 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         self, principal: Principal, batches: list[BatchIn], answer: type[Answer]
     ) -> list[Answer]:
         """One client's batches through the scheduler; an `answer` message for each."""
+        if self._trace_source is not None and (traceparent := self._trace_source()):
+            batches = [replace(b, traceparent=traceparent) for b in batches]
         return await self._writes.apply(
             principal, batches, lambda outcomes: batch_answers(outcomes, answer)
         )
@@ -255,7 +262,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         self._subscriptions.add(task)
         try:
             while True:
-                woken = self._notifier.snapshot()  # before the read: no wake-up is lost
+                woken = self._notifier.snapshot(tenant)  # before the read: none is lost
                 rows = await asyncio.to_thread(
                     self._storage.pull, tenant, position, collections, self._page
                 )
@@ -285,9 +292,9 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                 f"at most {MAX_GET_RECORDS} record ids a call",
                 violations=[("record_ids", f"at most {MAX_GET_RECORDS}")],
             )
-        found = await asyncio.to_thread(
-            self._storage.get_records, tenant, request.collection, list(request.record_ids)
-        )
+        # An id no engine can hold names no record: absent, as unknown ids are.
+        ids = [r for r in request.record_ids if problem(r, MAX_RECORD_ID_LENGTH) is None]
+        found = await asyncio.to_thread(self._storage.get_records, tenant, request.collection, ids)
         return sync_pb2.GetRecordsResponse(records=records_to_proto(found))
 
     async def ListConflicts(
@@ -340,7 +347,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         if name not in self._applier.schema.collections:
             raise InvalidArgument(
                 Reason.UNKNOWN_COLLECTION,
-                f"the schema has no collection {name!r}",
+                f"the schema has no collection {clip(name)!r}",
                 violations=[(field, "not in the schema")],
             )
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -47,6 +47,8 @@ INT64_MAX: Final = 2**63 - 1
 # Every integer up to 2**53 has an exact double; above it some do not, and a
 # rule that held for 2**60 but not for 2**53 + 1 would look random to a user.
 MAX_EXACT_FLOAT_INT: Final = 2**53
+MAX_JSON_DEPTH: Final = 64
+"""Deepest nesting of arrays and objects a json field takes (FIELD_DROPPED beyond)."""
 
 
 # [0-9], not \d: \d also matches other scripts' digits, which int() accepts.
@@ -190,6 +192,7 @@ def _plain_kinds(collection: CollectionSpec) -> dict[str, type | frozenset[str]]
     kinds: dict[str, type | frozenset[str]] = {
         name: frozenset(spec.values) if spec.type is FieldType.ENUM else _PLAIN_TYPES[spec.type]
         for name, spec in collection.fields.items()
+        if spec.type is not FieldType.JSON  # a json value is always parsed (_to_json)
     }
     if len(_plain_kinds_of) > 1000:  # specs come and go (tests): keep this bounded
         _plain_kinds_of.clear()
@@ -383,15 +386,36 @@ def _to_timestamp(value: FieldValue) -> FieldValue | _Cannot:
 
 
 def _to_json(value: FieldValue) -> FieldValue | _Cannot:
-    if type(value) is Json:
-        return value
-    if type(value) is str:
+    # A json_value on the wire is parsed too: it was once stored and served back
+    # unchecked, whatever it held.
+    if isinstance(value, Json | str):
+        text = value.text if isinstance(value, Json) else value
         try:
-            json.loads(value, parse_constant=_reject_json_constant)
+            doc = json.loads(text, parse_constant=_reject_json_constant)
         except (ValueError, RecursionError):
             return _Cannot("not valid JSON text")
-        return Json(value)
+        if _depth(doc) > MAX_JSON_DEPTH:
+            return _Cannot(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        return value if isinstance(value, Json) else Json(text)
     return _no_conversion(value)
+
+
+def _depth(doc: object) -> int:
+    """How deeply arrays and objects nest in a parsed JSON document (a scalar: 0)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(doc, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            children: Iterable[object] = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, level)
+        if level <= MAX_JSON_DEPTH:  # deeper is refused anyway: no need to walk it all
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _reject_json_constant(name: str) -> object:

@@ -51,7 +51,10 @@ class Engine:
         raise NotImplementedError
 
     def change_listener(
-        self, url: str, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]
+        self,
+        url: str,
+        loop: asyncio.AbstractEventLoop,
+        wake: Callable[[frozenset[str] | None], None],
     ) -> ChangeListener | None:
         """What wakes this instance when another commits (None: only this one writes)."""
         return None

@@ -104,18 +104,19 @@ def libpq_url(url: str) -> str:
 
 
 class FeedListener:
-    """One LISTEN connection in a background thread; calls `wake` on `loop` per commit.
+    """One LISTEN connection in a background thread; calls `wake(tenants)` on `loop`.
 
     Bursts are coalesced: while a wake-up is queued on the loop and has not
-    run yet, further notifications add nothing (the queued one runs after
-    them, and the streams it wakes read the database afresh).
+    run yet, further notifications add their tenant to it (the queued one runs
+    after them, and the streams it wakes read the database afresh). `tenants`
+    is None when who committed is unknown (after a gap in LISTEN): wake all.
     """
 
     def __init__(
         self,
         url: str,
         loop: asyncio.AbstractEventLoop,
-        wake: Callable[[], None],
+        wake: Callable[[frozenset[str] | None], None],
         *,
         poll_interval: float = 0.5,
         min_backoff: float = 0.1,
@@ -129,6 +130,8 @@ class FeedListener:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._queued = False
+        self._tenants: set[str] | None = set()  # for the queued wake-up; None: all
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="fieldsync-feed-listener")
         self._thread.daemon = True  # never holds the process up at exit
 
@@ -167,10 +170,10 @@ class FeedListener:
                     self._ready.set()
                     backoff = self._min_backoff
                     # Commits while there was no LISTEN sent nothing: look once.
-                    self._schedule_wake()
+                    self._schedule_wake(None)
                     while not self._stop.is_set():
-                        for _ in conn.notifies(timeout=self._interval):
-                            self._schedule_wake()
+                        for note in conn.notifies(timeout=self._interval):
+                            self._schedule_wake(note.payload)
             except Exception as err:  # psycopg.Error mostly; any error must not end listening
                 if self._stop.is_set():
                     return
@@ -179,10 +182,15 @@ class FeedListener:
                 self._stop.wait(delay)
                 backoff = min(backoff * 2, self._max_backoff)
 
-    def _schedule_wake(self) -> None:
-        if self._queued:
-            return
-        self._queued = True
+    def _schedule_wake(self, tenant: str | None) -> None:
+        with self._lock:
+            if tenant is None:
+                self._tenants = None
+            elif self._tenants is not None:
+                self._tenants.add(tenant)
+            if self._queued:
+                return
+            self._queued = True
         try:
             self._loop.call_soon_threadsafe(self._wake_on_loop)
         except RuntimeError:  # the loop is closed: the process is stopping
@@ -191,8 +199,10 @@ class FeedListener:
     def _wake_on_loop(self) -> None:
         # Cleared before waking: a notification that arrives from here on
         # queues another wake-up, so none is lost.
-        self._queued = False
-        self._wake()
+        with self._lock:
+            self._queued = False
+            tenants, self._tenants = self._tenants, set()
+        self._wake(None if tenants is None else frozenset(tenants))
 
 
 @dataclass(slots=True)
@@ -431,7 +441,10 @@ class _Postgres(Engine):
         return cast(extract("epoch", func.clock_timestamp()) * 1_000_000_000, BigInteger)
 
     def change_listener(
-        self, url: str, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]
+        self,
+        url: str,
+        loop: asyncio.AbstractEventLoop,
+        wake: Callable[[frozenset[str] | None], None],
     ) -> FeedListener:
         return FeedListener(url, loop, wake)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -60,13 +61,17 @@ from sync_service.storage.rows import (
     load_records,
 )
 from sync_service.storage.sqlite import SQLITE
-from sync_service.storage.tables import conflicts, outbox, records
+from sync_service.storage.tables import conflicts, outbox, records, served_schema
 from sync_service.storage.transactions import SqlWriteTx
 
 log = logging.getLogger("fieldsync.storage")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 ENGINES: dict[str, Engine] = {e.name: e for e in (SQLITE, POSTGRES)}
+
+
+class SchemaDowngrade(ValueError):
+    """The schema file's version is below the one the database was served with."""
 
 
 class SqlStorage:
@@ -99,7 +104,7 @@ class SqlStorage:
         return self._engine.combine_writes
 
     def change_listener(
-        self, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]
+        self, loop: asyncio.AbstractEventLoop, wake: Callable[[frozenset[str] | None], None]
     ) -> ChangeListener | None:
         """What calls `wake` on `loop` when another instance commits (None: none can)."""
         return self._engine.change_listener(self.url, loop, wake)
@@ -117,6 +122,29 @@ class SqlStorage:
         with self._write.begin() as conn:
             self._engine.lock_for_migration(conn)
             upgrade_schema(conn, MIGRATIONS)
+
+    def serve_schema(self, version: int, *, allow_downgrade: bool = False) -> int | None:
+        """Record that the database is served with schema `version`; the highest version
+        served before (None the first time). A lower version than that raises
+        SchemaDowngrade unless `allow_downgrade`; the highest stays recorded either way."""
+        s = served_schema.c
+        with self._write.begin() as conn:
+            self._engine.lock_for_migration(conn)  # instances starting together take turns
+            before = conn.execute(select(s.version).where(s.id == 1)).scalar()
+            if before is not None and version < before and not allow_downgrade:
+                raise SchemaDowngrade(
+                    f"the schema file has version {version}, but this database was served"
+                    f" with version {before}; deploy that schema, or set"
+                    " FIELDSYNC_SCHEMA_ALLOW_DOWNGRADE=1 to serve the older one anyway"
+                )
+            now = time.time_ns()
+            if before is None:
+                conn.execute(served_schema.insert().values(id=1, version=version, served_at=now))
+            elif version >= before:
+                conn.execute(
+                    served_schema.update().where(s.id == 1).values(version=version, served_at=now)
+                )
+        return None if before is None else int(before)
 
     def close(self) -> None:
         self._write.dispose()
@@ -258,6 +286,11 @@ class SqlStorage:
         with self._write.begin() as conn:
             for chunk in chunks(list(event_ids)):
                 conn.execute(outbox.delete().where(outbox.c.event_id.in_(chunk)))
+
+    def outbox_parked(self, max_attempts: int) -> int:
+        q = select(func.count()).where(outbox.c.attempts >= max_attempts)
+        with self._read.connect() as conn:
+            return int(conn.execute(q).scalar_one())
 
     def outbox_refused(self, event_ids: Sequence[str]) -> None:
         with self._write.begin() as conn:

@@ -72,6 +72,16 @@ sync_state = Table(
     Column("record_keys", BigInteger, nullable=False),
 )
 
+# One row (id 1): the highest schema version the database was served with
+# (a start with a lower one is refused unless forced; see SqlStorage.serve_schema).
+served_schema = Table(
+    "served_schema",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("version", BigInteger, nullable=False),
+    Column("served_at", BigInteger, nullable=False),
+)
+
 # The per-client sequence: which (tenant, sub) owns a client id, and the last
 # client_seq applied, committed with the data it describes.
 clients = Table(

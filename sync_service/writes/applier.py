@@ -35,17 +35,19 @@ from fieldsync.errors import (
     NotFound,
     PermissionDenied,
     Reason,
+    clip,
 )
 from fieldsync.values import Fields
+from sync_service.rules.limits import MAX_CONFLICT_ID_LENGTH, MAX_ID_LENGTH, problem
 from sync_service.rules.merge import ConflictKind, Op
 from sync_service.rules.schema import Schema
 from sync_service.storage.base import ClientRow, Storage, StoredRecord, WriteConflict, WriteTx
 from sync_service.writes.batch_run import (
-    MAX_ID_LENGTH,
     BatchRun,
     collection_rules,
     role_error,
 )
+from sync_service.writes.metrics import WriteMetrics
 from sync_service.writes.model import BatchIn, BatchOutcome, MutationIn, Status
 
 log = logging.getLogger("fieldsync.sync")
@@ -75,6 +77,8 @@ class Applier:
         self._rules = collection_rules(schema)
         self._max_batch = max_batch
         self._clock = clock
+        self.observer: WriteMetrics | None = None
+        """Told what each committed write transaction did (metrics on), else None."""
 
     @property
     def schema(self) -> Schema:
@@ -168,6 +172,7 @@ class Applier:
         exclusive: bool,
     ) -> list[list[BatchOutcome] | Exception]:
         results: list[list[BatchOutcome] | Exception] = []
+        runs: list[tuple[list[BatchIn], list[BatchOutcome], list[int]]] = []
         with self._storage.write_transaction(exclusive=exclusive) as tx:
             for principal, batches in groups:
                 try:
@@ -183,20 +188,23 @@ class Applier:
                 outcomes = run.apply(batches)
                 run.flush()
                 results.append(outcomes)
+                runs.append((batches, outcomes, run.resolved_kinds))
             if decided is not None:
                 # Final unless the commit fails: the caller may prepare the answers
                 # while the commit runs (in the database, without the GIL) and
                 # send them after.
                 decided(results)
+        if self.observer is not None:  # committed
+            self.observer.committed(runs)
         return results
 
     def check_batch(self, batch: BatchIn) -> None:
         """The checks of a batch as a whole (InvalidArgument), before anything is read."""
-        if not batch.client_id or len(batch.client_id) > MAX_ID_LENGTH:
+        if problem(batch.client_id, MAX_ID_LENGTH) is not None:
             raise InvalidArgument(
                 Reason.MISSING_CLIENT_ID,
-                "the batch needs a client_id (at most 200 characters)",
-                violations=[("batch.client_id", "required, at most 200 characters")],
+                "the batch needs a client_id (at most 200 characters, no NUL)",
+                violations=[("batch.client_id", "required, at most 200 characters, no NUL")],
             )
         if len(batch.mutations) > self._max_batch:
             raise InvalidArgument(
@@ -211,11 +219,11 @@ class Applier:
 
     def last_applied_seq(self, principal: Principal, client_id: str) -> int:
         """What the server has from this client (0 for a new one); checks ownership."""
-        if not client_id:
+        if problem(client_id, MAX_ID_LENGTH) is not None:
             raise InvalidArgument(
                 Reason.MISSING_CLIENT_ID,
-                "the hello needs a client_id",
-                violations=[("hello.client_id", "required")],
+                "the hello needs a client_id (at most 200 characters, no NUL)",
+                violations=[("hello.client_id", "required, at most 200 characters, no NUL")],
             )
         client = self._storage.get_client(client_id)
         if client is None:
@@ -236,9 +244,11 @@ class Applier:
             )
         # Exclusive: a conflict answer is rare and small, and must not meet another.
         with self._storage.write_transaction(exclusive=True) as tx:
-            conflict = tx.load_conflicts(principal.tenant_id, [conflict_id]).get(conflict_id)
+            conflict = None
+            if problem(conflict_id, MAX_CONFLICT_ID_LENGTH) is None:  # else it names none
+                conflict = tx.load_conflicts(principal.tenant_id, [conflict_id]).get(conflict_id)
             if conflict is None:
-                raise NotFound(Reason.CONFLICT_NOT_FOUND, f"no conflict {conflict_id!r}")
+                raise NotFound(Reason.CONFLICT_NOT_FOUND, f"no conflict {clip(conflict_id)!r}")
             if conflict.resolved:
                 raise FailedPrecondition(
                     Reason.CONFLICT_ALREADY_RESOLVED, f"conflict {conflict_id} is resolved already"
@@ -280,6 +290,8 @@ class Applier:
                 assert result.record is not None
                 record = result.record
             run.flush()
+        if self.observer is not None:
+            self.observer.committed([([], [], run.resolved_kinds)])
         return record
 
 

@@ -7,22 +7,50 @@ transaction as the change it describes; the relay turns it into the proto.
 transaction's mutations (warnings, conflicts, overwrites, duplicate
 transitions, text overlaps, rejections, conflict answers) into its BatchWrite, in the order
 the audit has always received them. Nothing here decides or stores anything.
+
+Every event is made valid for the audit service here, at the source: an
+identifying field longer than the audit service stores (`EVENT_LIMITS`, its
+column sizes) or holding a NUL character is cut with a marker (`…`), and its
+whole value goes to `details` as `full.<field>` (itself cut at
+`MAX_FULL_VALUE` characters, its length then in `full.<field>.length`). An event
+the audit service refuses would otherwise never reach the audit log. A
+mutation records at most MAX_WARNING_EVENTS warning events; one more counts
+the rest.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 from fieldsync.audit_kinds import EventKind
 from fieldsync.errors import FieldSyncError
 from fieldsync.jsontext import dumps
 from fieldsync.textops import ops_to_json
-from fieldsync.values import Fields, Json, encode_fields
+from fieldsync.values import Fields, FieldValue, Json, encode_fields
 from sync_service.rules.decode import Repair
+from sync_service.rules.limits import MARKER, storable
 from sync_service.rules.merge import DELETED, ConflictKind, Decision
 from sync_service.storage.base import OutboxEvent, StoredConflict
 from sync_service.writes.model import MutationIn, MutationOutcome, Status
+
+# What the audit service stores of each identifying field (audit_service.model.MAX_LENGTHS).
+EVENT_LIMITS: dict[str, int] = {
+    "tenant_id": 200,
+    "code": 200,
+    "collection": 200,
+    "record_id": 500,
+    "field": 200,
+    "mutation_id": 200,
+    "client_id": 200,
+    "actor": 500,
+}
+MAX_FULL_VALUE = 65_536
+"""Characters of an over-long field's whole value kept in the event's details."""
+MAX_MESSAGE = 10_000
+MAX_WARNING_EVENTS = 100
+"""VALIDATION_WARNING events a mutation, at most; one more event counts the rest."""
 
 
 def make_event(
@@ -40,12 +68,12 @@ def make_event(
     client_schema_version: int = 0,
     message: str = "",
     details: Fields | None = None,
+    traceparent: str | None = None,
 ) -> OutboxEvent:
     event_id = uuid.uuid4().hex
-    payload = {
-        "event_id": event_id,
+    extra: dict[str, FieldValue] = {}
+    ids = {
         "tenant_id": tenant_id,
-        "kind": int(kind),
         "code": code,
         "collection": collection,
         "record_id": record_id,
@@ -53,12 +81,37 @@ def make_event(
         "mutation_id": mutation_id,
         "client_id": client_id,
         "actor": actor,
+    }
+    for name, value in ids.items():
+        fit = storable(value, EVENT_LIMITS[name])
+        if fit != value:
+            ids[name] = fit
+            extra[f"full.{name}"] = value[:MAX_FULL_VALUE]
+            if len(value) > MAX_FULL_VALUE:
+                extra[f"full.{name}.length"] = len(value)
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - len(MARKER)] + MARKER
+    everything = {**(details or {}), **extra} if extra else (details or {})
+    payload = {
+        "event_id": event_id,
+        "tenant_id": ids["tenant_id"],
+        "kind": int(kind),
+        "code": ids["code"],
+        "collection": ids["collection"],
+        "record_id": ids["record_id"],
+        "field": ids["field"],
+        "mutation_id": ids["mutation_id"],
+        "client_id": ids["client_id"],
+        "actor": ids["actor"],
         "occurred_at": occurred_at,
         "client_schema_version": client_schema_version,
         "message": message,
-        "details": encode_fields(details or {}),
+        "details": encode_fields(everything),
     }
-    return OutboxEvent(event_id, tenant_id, payload, occurred_at)
+    if traceparent:
+        # The relay continues this trace in its RecordEvents (fieldsync.tracing).
+        payload["traceparent"] = traceparent
+    return OutboxEvent(event_id, ids["tenant_id"], payload, occurred_at)
 
 
 @dataclass
@@ -71,6 +124,7 @@ class MutationEvents:
     client_id: str
     actor: str
     client_schema_version: int  # of the batch being applied
+    traceparent: str | None = None  # of the call that sent it (tracing on)
 
     def add(
         self,
@@ -97,13 +151,13 @@ class MutationEvents:
                 client_schema_version=self.client_schema_version,
                 message=message,
                 details=details,
+                traceparent=self.traceparent,
             )
         )
 
     def decided(self, m: MutationIn, outcome: MutationOutcome, d: Decision) -> None:
         """A decided mutation's repairs, conflict, overwrites and duplicate transitions."""
-        for r in outcome.warnings:
-            self.warning(m, r)
+        self.warnings(m, outcome.warnings)
         if outcome.conflict is not None:
             c = outcome.conflict
             for fc in c.fields:
@@ -158,10 +212,27 @@ class MutationEvents:
             EventKind.VALIDATION_WARNING, m, code=str(r.code), field=r.field, message=r.message
         )
 
+    def warnings(self, m: MutationIn, repairs: list[Repair]) -> None:
+        """A VALIDATION_WARNING event a warning, up to MAX_WARNING_EVENTS; one event
+        counts the rest (200,000 unknown fields made 200,000 outbox rows)."""
+        for r in repairs[:MAX_WARNING_EVENTS]:
+            self.warning(m, r)
+        rest = repairs[MAX_WARNING_EVENTS:]
+        if rest:
+            codes = Counter(str(r.code) for r in rest)
+            details: Fields = {"omitted": len(rest)}
+            details.update({f"omitted.{code}": n for code, n in sorted(codes.items())})
+            self.add(
+                EventKind.VALIDATION_WARNING,
+                m,
+                code=codes.most_common(1)[0][0],
+                message=f"{len(rest)} more warnings of this mutation, counted in details",
+                details=details,
+            )
+
     def rejected(self, m: MutationIn, err: FieldSyncError, repairs: list[Repair]) -> None:
         """A rejected mutation: its repairs, and its values, so nothing is lost for good."""
-        for r in repairs:
-            self.warning(m, r)
+        self.warnings(m, repairs)
         self.add(
             EventKind.MUTATION_REJECTED,
             m,

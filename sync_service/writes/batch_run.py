@@ -25,9 +25,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from fieldsync.auth import Principal
-from fieldsync.errors import FieldSyncError, InvalidArgument, PermissionDenied, Reason
+from fieldsync.errors import FieldSyncError, InvalidArgument, PermissionDenied, Reason, clip
 from fieldsync.values import Fields, FieldValue
 from sync_service.rules.decode import Repair, WarningCode, apply_defaults, decode_fields
+from sync_service.rules.limits import (
+    MAX_CONFLICT_ID_LENGTH,
+    MAX_ID_LENGTH,
+    MAX_RECORD_ID_LENGTH,
+    problem,
+    storable,
+)
 from sync_service.rules.merge import DELETED, Change, Decision, Op, decide
 from sync_service.rules.schema import CollectionSpec, Policy, Schema
 from sync_service.rules.textedits import invalid
@@ -47,9 +54,6 @@ from sync_service.writes.audit_events import MutationEvents
 from sync_service.writes.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome, Status
 from sync_service.writes.results import replayed_outcome, result_payload
 from sync_service.writes.text_inputs import TextPoints, text_inputs
-
-MAX_ID_LENGTH = 200
-MAX_RECORD_ID_LENGTH = 500
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ class BatchRun:
     writable: dict[str, CollectionRules] = field(default_factory=dict)  # checked for the caller
     batch_first_seq: int = 0  # the first sequence the batch being applied may apply
     text_points: TextPoints = field(default_factory=TextPoints)
+    resolved_kinds: list[int] = field(default_factory=list)  # of the conflicts it answered
     audit: MutationEvents = field(init=False)
 
     def __post_init__(self) -> None:
@@ -151,6 +156,7 @@ class BatchRun:
         outcomes = []
         for batch, n in zip(batches, handled, strict=True):
             self.audit.client_schema_version = batch.schema_version
+            self.audit.traceparent = batch.traceparent
             self.batch_first_seq = self.client.last_seq + 1
             results = []
             for m in batch.mutations[:n]:
@@ -168,7 +174,7 @@ class BatchRun:
         """Read every record, history row and conflict the batch needs, set-based."""
         by_collection: dict[str, dict[str, int]] = defaultdict(dict)
         for m in fresh:
-            if m.collection in self.rules and m.record_id:
+            if m.collection in self.rules and m.record_id and not m.invalid:
                 bases = by_collection[m.collection]
                 bases[m.record_id] = min(bases.get(m.record_id, m.base_version), m.base_version)
         for r in stored:
@@ -192,7 +198,11 @@ class BatchRun:
             if foreign:
                 for rid, changes in self.tx.load_changes(self.tenant, collection, foreign).items():
                     self.changes[(collection, rid)] = changes
-        wanted = {m.resolves_conflict_id for m in fresh if m.resolves_conflict_id}
+        wanted = {
+            m.resolves_conflict_id
+            for m in fresh
+            if problem(m.resolves_conflict_id, MAX_CONFLICT_ID_LENGTH) is None
+        }
         wanted.update(r.payload["c"] for r in stored if r.payload.get("c"))
         if wanted:
             self.conflicts.update(self.tx.load_conflicts(self.tenant, wanted))
@@ -303,6 +313,10 @@ class BatchRun:
         return outcome
 
     def _validate(self, m: MutationIn) -> CollectionRules:
+        if m.invalid:  # api.convert found it unreadable or unstorable (rules.limits)
+            raise InvalidArgument(
+                Reason.INVALID_MUTATION, m.invalid, violations=[("mutation", m.invalid)]
+            )
         if not m.mutation_id or len(m.mutation_id) > MAX_ID_LENGTH:
             raise InvalidArgument(
                 Reason.INVALID_MUTATION,
@@ -327,7 +341,7 @@ class BatchRun:
             if rules is None:
                 raise InvalidArgument(
                     Reason.UNKNOWN_COLLECTION,
-                    f"the schema has no collection {m.collection!r}",
+                    f"the schema has no collection {clip(m.collection)!r}",
                     violations=[("mutation.collection", "not in the schema")],
                 )
             if not rules.spec.can_write(self.principal.roles):
@@ -425,7 +439,7 @@ class BatchRun:
                 Repair(
                     WarningCode.CONFLICT_NOT_FOUND,
                     "",
-                    f"resolves_conflict_id {cid!r} names no conflict of this record; "
+                    f"resolves_conflict_id {clip(cid)!r} names no conflict of this record; "
                     "the mutation was applied as an ordinary one",
                 )
             )
@@ -436,6 +450,7 @@ class BatchRun:
         self.out.resolutions.append(
             ConflictResolution(self.tenant, cid, self.now, self.principal.sub, m.mutation_id)
         )
+        self.resolved_kinds.append(conflict.kind)
         self.audit.resolved(m, cid, Status(outcome.status))
 
     def keep_theirs(self, conflict: StoredConflict) -> StoredRecord:
@@ -447,6 +462,7 @@ class BatchRun:
                 self.tenant, conflict.conflict_id, self.now, self.principal.sub, "KEEP_THEIRS"
             )
         )
+        self.resolved_kinds.append(conflict.kind)
         self.audit.kept_theirs(conflict)
         return rec
 
@@ -468,12 +484,18 @@ class BatchRun:
         return outcome
 
     def _store_result(self, m: MutationIn, o: MutationOutcome) -> None:
-        keyed = m.collection in self.rules and bool(m.record_id)
+        keyed = m.collection in self.rules and bool(m.record_id) and not m.invalid
         payload = result_payload(m, o, keyed=keyed)
         if keyed:
             self.result_keys[m.client_seq] = (m.collection, m.record_id)
         self.out.results.append(
-            StoredResult(self.client.client_id, m.client_seq, self.tenant, m.mutation_id, payload)
+            StoredResult(
+                self.client.client_id,
+                m.client_seq,
+                self.tenant,
+                storable(m.mutation_id, MAX_ID_LENGTH),  # a rejected one may be too long
+                payload,
+            )
         )
 
     def flush(self) -> None:

@@ -39,6 +39,7 @@ class MutationIn:
     client_time: int | None = None  # nanoseconds
     base_fields: Fields = field(default_factory=dict)
     resolves_conflict_id: str = ""
+    invalid: str = ""  # why the wire mutation cannot be read (it is rejected), if it cannot
     # text fields sent as operations (SPEC §3); text_edits_error: why the wire's
     # operations could not be read at all (then the mutation is rejected)
     text_edits: dict[str, list[TextOp]] = field(default_factory=dict)
@@ -50,6 +51,9 @@ class BatchIn:
     client_id: str
     schema_version: int
     mutations: list[MutationIn]
+    traceparent: str | None = None
+    """With tracing on, the W3C trace context of the call that sent the batch: its
+    audit events carry it through the outbox (fieldsync.tracing)."""
 
 
 @dataclass(slots=True)

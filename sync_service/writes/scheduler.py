@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from fieldsync.auth import Principal
@@ -51,7 +52,9 @@ Answers = Callable[[list[BatchOutcome]], list[A]]
 class WriteScheduler:
     """Runs the writes of one process, at most MAX_WRITES_IN_FLIGHT transactions at once."""
 
-    def __init__(self, applier: Applier, *, combine: bool, on_written: Callable[[], None]) -> None:
+    def __init__(
+        self, applier: Applier, *, combine: bool, on_written: Callable[[frozenset[str]], None]
+    ) -> None:
         self._applier = applier
         # Several clients' writes in one transaction (see the module docstring).
         # On PostgreSQL a transaction takes the feed lock at its first write and
@@ -59,7 +62,8 @@ class WriteScheduler:
         # later client's reads and decisions, and the other transaction in
         # flight, which could decide meanwhile, would wait instead.
         self._combine = combine
-        self._on_written = on_written  # after each write transaction (wakes Subscribe)
+        # After each write transaction, with the tenants it wrote (wakes their Subscribe).
+        self._on_written = on_written
         self._waiting: deque[_Write[Any]] = deque()  # writes not started yet, in arrival order
         self._writing: set[asyncio.Task[None]] = set()  # their transactions' tasks
         # Write transactions in flight (batches' and conflict answers'), at most
@@ -109,7 +113,7 @@ class WriteScheduler:
         except asyncio.CancelledError:
             work.add_done_callback(log_left_behind)
             raise
-        self._on_written()
+        self._on_written(frozenset((principal.tenant_id,)))
         return record
 
     def _start_writes(self) -> None:
@@ -127,6 +131,11 @@ class WriteScheduler:
                 total += w.size
             if not group:
                 return
+            observer = self._applier.observer
+            if observer is not None:
+                now = time.perf_counter()
+                for w in group:
+                    observer.waited(now - w.queued_at)
             self.writes += len(group)
             self.write_transactions += 1
             self._in_flight += 1
@@ -186,7 +195,7 @@ class WriteScheduler:
             task = asyncio.current_task()
             assert task is not None
             self._writing.discard(task)
-            self._on_written()
+            self._on_written(frozenset(w.principal.tenant_id for w in group))
             self._release_slot()
 
     async def _apply_group(
@@ -232,6 +241,7 @@ class _Write(Generic[A]):
     size: int  # mutations
     answers: Answers[A]
     done: asyncio.Future[list[A]]
+    queued_at: float = field(default_factory=time.perf_counter)  # for the lock-wait metric
 
 
 def _answers_each(

@@ -24,6 +24,7 @@ from ._errors import (
     SyncUnauthenticated,
     SyncUnavailable,
 )
+from ._tls import tls_credentials
 from ._types import Conflict, FieldConflict, QueuedMutation, Record, SyncReport
 
 __all__ = [
@@ -47,4 +48,5 @@ __all__ = [
     "TextOp",
     "Timestamp",
     "diff_text",
+    "tls_credentials",
 ]

@@ -100,4 +100,5 @@ def outcome_from_proto(r: sync_pb2.MutationResult) -> Outcome:
         error=error,
         reason=reason,
         code=code,
+        warnings=len(r.warnings),
     )

@@ -128,6 +128,8 @@ class Outcome:
     error: str | None = None
     reason: str | None = None
     code: str | None = None
+    warnings: int = 0
+    """Validation warnings the server reported (SPEC §4: a value coerced, a field dropped...)."""
 
 
 @dataclass
@@ -135,6 +137,7 @@ class ResultSummary:
     """What storing a batch of outcomes did."""
 
     statuses: Counter[str] = field(default_factory=Counter)
+    warnings: int = 0
     new_conflicts: list[Conflict] = field(default_factory=list)
     renumbered: int = 0
 
@@ -400,6 +403,14 @@ class LocalStore:
             row = db.execute("SELECT count(*) FROM queue WHERE state = 'pending'").fetchone()
         return int(row[0])
 
+    def pending_health(self) -> tuple[int, int | None]:
+        """The queue's length and its oldest pending write's client_time (ns), for the hello."""
+        with self._read() as db:
+            count, oldest = db.execute(
+                "SELECT count(*), min(client_time) FROM queue WHERE state = 'pending'"
+            ).fetchone()
+        return int(count), (int(oldest) if oldest is not None else None)
+
     def dismiss(self, mutation_id: str) -> bool:
         """Forget a rejected mutation; False when there is no rejected one by that id."""
         with self._tx() as db:
@@ -423,6 +434,7 @@ class LocalStore:
         with self._tx() as db:
             for o in outcomes:
                 summary.statuses[o.status] += 1
+                summary.warnings += o.warnings
                 row = db.execute(
                     "SELECT mutation_id, resolves_conflict_id FROM queue WHERE client_seq = ?",
                     (o.client_seq,),

@@ -52,6 +52,7 @@ class Counters:
     conflicts: int = 0
     rejected: int = 0
     duplicates: int = 0
+    warnings: int = 0
     pulled: int = 0
     answered: int = 0
     pages: int = 0
@@ -63,6 +64,7 @@ class Counters:
         self.conflicts += s["CONFLICT"]
         self.rejected += s["REJECTED"]
         self.duplicates += s["DUPLICATE"]
+        self.warnings += summary.warnings
         self.answered += s.total()
 
     def report(self, pending: int) -> SyncReport:
@@ -72,6 +74,7 @@ class Counters:
             conflicts=self.conflicts,
             rejected=self.rejected,
             duplicates=self.duplicates,
+            warnings=self.warnings,
             pulled=self.pulled,
             pending=pending,
         )
@@ -151,13 +154,16 @@ def _push_once(
     # queue, so a long offline queue is not cut off for being long.
     stream = _Stream(transport, transport.timeout * (1 + batches))
     try:
-        stream.send(
-            sync_pb2.SyncRequest(
-                hello=sync_pb2.SyncHello(
-                    client_id=settings.client_id, schema_version=settings.schema_version
-                )
-            )
+        # The queue's health, for the server's reconnect metrics.
+        pending, oldest = store.pending_health()
+        hello = sync_pb2.SyncHello(
+            client_id=settings.client_id,
+            schema_version=settings.schema_version,
+            pending_mutations=pending,
         )
+        if oldest is not None:
+            hello.oldest_pending_time.FromNanoseconds(oldest)
+        stream.send(sync_pb2.SyncRequest(hello=hello))
         welcome = stream.receive()
         if welcome.WhichOneof("message") != "welcome":
             raise SyncError("sync: the server did not start the stream with a welcome")

@@ -111,6 +111,10 @@ class SyncReport:
     rejected: int = 0
     duplicates: int = 0
     """Answers for mutations the server had already applied (their answer had been lost)."""
+    warnings: int = 0
+    """Validation warnings in the answers (a value coerced to its field's type, an unknown
+    field dropped, a default applied...): the write went through, but not exactly as sent.
+    The audit log has each one (kind VALIDATION_WARNING)."""
     pulled: int = 0
     """Records the change feed brought (others' changes and this client's own)."""
     pending: int = 0

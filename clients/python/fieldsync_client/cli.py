@@ -4,10 +4,11 @@
 
 Each setting comes from its flag, else its environment variable, else its
 default: --db / FIELDSYNC_CLIENT_DB / ./fieldsync-client.db, --server /
-FIELDSYNC_SERVER / 127.0.0.1:50051, --token / FIELDSYNC_TOKEN / none. The
-flags may also follow the command. Everything here goes through the public
-SDK; this module only parses arguments and prints JSON (values through
-`fieldsync.values.to_display`).
+FIELDSYNC_SERVER / 127.0.0.1:50051, --token / FIELDSYNC_TOKEN / none,
+--tls-ca / FIELDSYNC_TLS_CA / plaintext (--tls-cert and --tls-key for mutual
+TLS). The flags may also follow the command. Everything here goes through
+the public SDK; this module only parses arguments and prints JSON (values
+through `fieldsync.values.to_display`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from . import (
     SyncPermissionDenied,
     SyncUnauthenticated,
     SyncUnavailable,
+    tls_credentials,
 )
 
 __all__ = ["main", "parse_value"]
@@ -39,6 +41,7 @@ __all__ = ["main", "parse_value"]
 ENV_DB = "FIELDSYNC_CLIENT_DB"
 ENV_SERVER = "FIELDSYNC_SERVER"
 ENV_TOKEN = "FIELDSYNC_TOKEN"
+ENV_TLS_CA = "FIELDSYNC_TLS_CA"
 DEFAULT_DB = "./fieldsync-client.db"
 DEFAULT_SERVER = "127.0.0.1:50051"
 
@@ -99,6 +102,21 @@ def _parser() -> argparse.ArgumentParser:
         )
         target.add_argument(
             "--token", metavar="JWT", default=default, help=f"the bearer token (${ENV_TOKEN})"
+        )
+        target.add_argument(
+            "--tls-ca",
+            metavar="PEM",
+            default=default,
+            help=f"reach the server over TLS, verified with this CA (${ENV_TLS_CA})",
+        )
+        target.add_argument(
+            "--tls-cert",
+            metavar="PEM",
+            default=default,
+            help="client certificate to present (mutual TLS; with --tls-key)",
+        )
+        target.add_argument(
+            "--tls-key", metavar="PEM", default=default, help="the key of --tls-cert"
         )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -262,8 +280,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SyncUnauthenticated(f"no token: pass --token JWT or set {ENV_TOKEN}")
         return token
 
+    tls_ca = args.tls_ca or os.environ.get(ENV_TLS_CA) or None
     try:
-        with FieldSyncClient(db, server, token_provider) as client:
+        if tls_ca is None and (args.tls_cert or args.tls_key):
+            raise ValueError("--tls-cert and --tls-key need --tls-ca (the server's CA)")
+        credentials = (
+            tls_credentials(tls_ca, cert=args.tls_cert, key=args.tls_key) if tls_ca else None
+        )
+    except ValueError as err:
+        print(f"fieldsync-client: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with FieldSyncClient(db, server, token_provider, credentials=credentials) as client:
             return _run(args, client, fields)
     except SyncUnavailable as err:
         return _fail(err, EXIT_UNAVAILABLE, queue_kept=True)
@@ -332,6 +360,7 @@ def _run(args: argparse.Namespace, client: FieldSyncClient, fields: dict[str, Fi
                 "conflicts": report.conflicts,
                 "rejected": report.rejected,
                 "duplicates": report.duplicates,
+                "warnings": report.warnings,
                 "pulled": report.pulled,
                 "pending": report.pending,
             }
