@@ -51,7 +51,7 @@ GROUPS: dict[str, tuple[Group, tuple[str, ...]]] = {
     "memory": (lambda ctx: {"memory": store.memory(ctx)}, ("memory",)),
     "pull": (lambda ctx: {"pull": store.pull(ctx)}, ("pull",)),
     "audit": (audit.run, ("audit_relay",)),
-    "text": (text.run, ("text_merge",)),
+    "text": (text.run, ("text_merge", "text_edits_100kb", "text_edits_1mb")),
     "postgres": (postgres.run, ("reconnect_pg", "concurrent_pg")),
     "clients": (clients.run, ("client_sync_ts",)),
 }

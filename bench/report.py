@@ -76,6 +76,8 @@ ORDER = (
     "pull",
     "audit_relay",
     "text_merge",
+    "text_edits_100kb",
+    "text_edits_1mb",
     "reconnect_pg",
     "concurrent_pg",
     "client_sync_ts",
@@ -91,6 +93,8 @@ SHOWN: Mapping[str, tuple[str, ...]] = {
     "pull": ("value", "records_per_s_page_5000"),
     "audit_relay": ("value", "events"),
     "text_merge": ("value", "max_ms"),
+    "text_edits_100kb": ("value", "bytes_per_keystroke", "bytes_per_whole_value"),
+    "text_edits_1mb": ("value", "bytes_per_keystroke", "bytes_per_whole_value"),
     "reconnect_pg": ("value", "value_2_processes", "ratio_2_vs_1_processes"),
     "concurrent_pg": ("value", "p99_batch_ms", "errors"),
     "client_sync_ts": ("value", "python_mutations_per_s", "ratio_vs_python"),
@@ -104,6 +108,8 @@ UNITS = {
     "mutations": "mutations",
     "events": "events",
     "records_per_s_page_5000": "records/s",
+    "bytes_per_keystroke": "B",
+    "bytes_per_whole_value": "B",
     "cpu_ratio_vs_metrics_off": "ratio",
 }
 

@@ -16,9 +16,11 @@ from typing import TypeVar
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from fieldsync.errors import InvalidArgument, Reason
+from fieldsync.textops import Delete, Insert, Retain, TextOp
 from fieldsync.v1 import common_pb2, sync_pb2
 from fieldsync.values import InvalidValue, fields_from_proto, fields_to_proto, to_proto
 from sync_service.rules.limits import mutation_problem
+from sync_service.rules.textedits import MAX_TEXT_OPS
 from sync_service.storage.base import FeedRecord, StoredConflict, StoredRecord
 from sync_service.writes.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome
 
@@ -45,7 +47,7 @@ def _mutation_from_proto(pm: sync_pb2.Mutation) -> MutationIn:
     # Positional, and maps read only when set: this runs for every mutation.
     fields = pm.fields
     base_fields = pm.base_fields
-    return MutationIn(
+    m = MutationIn(
         pm.mutation_id,
         pm.client_seq,
         pm.op,
@@ -57,6 +59,29 @@ def _mutation_from_proto(pm: sync_pb2.Mutation) -> MutationIn:
         fields_from_proto(base_fields) if base_fields else {},
         pm.resolves_conflict_id,
     )
+    if pm.text_edits:
+        _text_edits_from_proto(pm, m)
+    return m
+
+
+def _text_edits_from_proto(pm: sync_pb2.Mutation, m: MutationIn) -> None:
+    for name, te in pm.text_edits.items():
+        if len(te.ops) > MAX_TEXT_OPS:  # not even read: the mutation is rejected
+            m.text_edits_error = f"{name}: {len(te.ops)} operations; at most {MAX_TEXT_OPS}"
+            return
+        ops: list[TextOp] = []
+        for i, e in enumerate(te.ops):
+            kind = e.WhichOneof("op")
+            if kind == "retain":
+                ops.append(Retain(e.retain))
+            elif kind == "delete":
+                ops.append(Delete(e.delete))
+            elif kind == "insert":
+                ops.append(Insert(e.insert))
+            else:
+                m.text_edits_error = f"{name}: operation {i} is neither retain, insert nor delete"
+                return
+        m.text_edits[name] = ops
 
 
 def _nanos(ts: Timestamp) -> int:
@@ -116,6 +141,8 @@ def outcome_to_proto(o: MutationOutcome, out: sync_pb2.MutationResult) -> None:
         out.error.CopyFrom(o.error.to_status())
     out.duplicate_transition = o.duplicate_transition
     out.original_status = int(o.original_status)  # type: ignore[assignment]
+    if o.text_overlaps:
+        out.text_overlaps.extend(o.text_overlaps)
 
 
 def batch_outcome_to_proto(

@@ -5,7 +5,7 @@ field names (details encoded with fieldsync.values.encode), stored in the same
 transaction as the change it describes; the relay turns it into the proto.
 `make_event` builds one; `MutationEvents` stages those of a write
 transaction's mutations (warnings, conflicts, overwrites, duplicate
-transitions, rejections, conflict answers) into its BatchWrite, in the order
+transitions, text overlaps, rejections, conflict answers) into its BatchWrite, in the order
 the audit has always received them. Nothing here decides or stores anything.
 
 Every event is made valid for the audit service here, at the source: an
@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 from fieldsync.audit_kinds import EventKind
 from fieldsync.errors import FieldSyncError
-from fieldsync.values import Fields, FieldValue, encode_fields
+from fieldsync.jsontext import dumps
+from fieldsync.textops import ops_to_json
+from fieldsync.values import Fields, FieldValue, Json, encode_fields
 from sync_service.rules.decode import Repair
 from sync_service.rules.limits import MARKER, storable
 from sync_service.rules.merge import DELETED, ConflictKind, Decision
@@ -196,6 +198,14 @@ class MutationEvents:
                     "earlier_client_id": dup.earlier_client_id,
                 },
             )
+        for t in d.text_overlaps:
+            self.add(
+                EventKind.TEXT_OVERLAP_MERGED,
+                m,
+                field=t.field,
+                message=f"{t.field}: both sides edited the same passage; both edits were kept",
+                details={"base": t.base, "yours": t.yours, "theirs": t.theirs, "merged": t.merged},
+            )
 
     def warning(self, m: MutationIn, r: Repair) -> None:
         self.add(
@@ -228,7 +238,15 @@ class MutationEvents:
             m,
             code=str(err.reason),
             message=err.message,
-            details={"op": m.op, "base_version": m.base_version, **_prefixed(m.fields)},
+            details={
+                "op": m.op,
+                "base_version": m.base_version,
+                **_prefixed(m.fields),
+                **{
+                    f"text_edits.{k}": Json(dumps(ops_to_json(ops)))
+                    for k, ops in m.text_edits.items()
+                },
+            },
         )
 
     def resolved(self, m: MutationIn, conflict_id: str, status: Status) -> None:
