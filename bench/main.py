@@ -8,7 +8,7 @@ Environment:
   (default postgresql://postgres@127.0.0.1:5432/test); unreachable means
   those scenarios are skipped, with a note saying why.
 - `BENCH_ONLY=group,group`: run only these groups (reconnect, online, text,
-  store_size, memory, pull, audit, postgres), for working on the harness.
+  store_size, memory, pull, audit, postgres, pg_tenants), for working on the harness.
 - `BENCH_KEEP=1`: keep the work folder (databases, service logs); it is kept
   anyway when a group fails.
 
@@ -33,7 +33,7 @@ from typing import Any
 
 from bench import pg, procs, report
 from bench.context import Ctx, Sizes
-from bench.scenarios import audit, online, postgres, reconnect, store, text
+from bench.scenarios import audit, online, pg_tenants, postgres, reconnect, store, text
 from bench.stats import Figures
 
 # Seconds after which no further repetition starts (the limits are 15 and 2 minutes).
@@ -50,6 +50,7 @@ GROUPS: dict[str, tuple[Group, tuple[str, ...]]] = {
     "audit": (audit.run, ("audit_relay",)),
     "text": (text.run, ("text_merge",)),
     "postgres": (postgres.run, ("reconnect_pg", "concurrent_pg")),
+    "pg_tenants": (pg_tenants.run, ("reconnect_pg_tenants",)),
 }
 
 
