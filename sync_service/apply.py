@@ -201,7 +201,8 @@ class Applier:
         exclusive: bool,
     ) -> list[list[BatchOutcome] | Exception]:
         results: list[list[BatchOutcome] | Exception] = []
-        with self._storage.write_transaction(exclusive=exclusive) as tx:
+        tenants = sorted({principal.tenant_id for principal, _ in groups})
+        with self._storage.write_transaction(exclusive=exclusive, tenants=tenants) as tx:
             for principal, batches in groups:
                 try:
                     client = _claim_client(tx, principal, batches[0].client_id)
@@ -266,7 +267,7 @@ class Applier:
                 violations=[("resolution", "unspecified or unknown")],
             )
         # Exclusive: a conflict answer is rare and small, and must not meet another.
-        with self._storage.write_transaction(exclusive=True) as tx:
+        with self._storage.write_transaction(exclusive=True, tenants=[principal.tenant_id]) as tx:
             conflict = tx.load_conflicts(principal.tenant_id, [conflict_id]).get(conflict_id)
             if conflict is None:
                 raise NotFound(Reason.CONFLICT_NOT_FOUND, f"no conflict {conflict_id!r}")

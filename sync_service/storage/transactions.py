@@ -42,7 +42,6 @@ from sync_service.storage.cache import RecordCache
 from sync_service.storage.pg_notify import notify_feed
 from sync_service.storage.rows import (
     INSERT_COLUMNS,
-    PG_FEED_LOCK,
     RECORD_COLUMNS,
     Statements,
     conflict_row,
@@ -156,21 +155,14 @@ class SqlWriteTx(_Reads):
         self._conn = conn
         self._sql = sql
         self._cache = cache
-        self._head, self._keys = fetch(conn, sql.read_state, ())[0]
+        head, keys = fetch(conn, sql.read_state, ())[0]
+        self._head, self._keys = int(head), int(keys)
         cache.begin(self._head)
-
-    def _claim_feed(self, cur: Any) -> tuple[int, int]:
-        """The feed head and the last record key this write goes on from, under the lock."""
-        return self._head, self._keys
-
-    def _expectations(self) -> Expectations | None:
-        """What to check the write against (SQLite: nothing, the transaction is exclusive)."""
-        return None
 
     def write(self, batch: BatchWrite) -> None:
         conn = self._conn
         cur = conn.connection.cursor()
-        head, keys = start = self._claim_feed(cur)
+        self._claim_feed(cur, batch)
         check = self._expectations()
         if check:
             self._check_unwritten(cur, batch, check)
@@ -187,7 +179,6 @@ class SqlWriteTx(_Reads):
             old_rows: list[tuple[Any, ...]] = []
             decided_on: list[int | None] = []  # the version each old row was decided on
             for rec in batch.records:
-                head += 1
                 values = (
                     rec.version,
                     rec.deleted,
@@ -198,7 +189,7 @@ class SqlWriteTx(_Reads):
                     rec.updated_by,
                     rec.last_client,
                     rec.others_version,
-                    head,
+                    self._position(rec.tenant_id),
                 )
                 name = (rec.tenant_id, rec.collection, rec.record_id)
                 if rec.exists:
@@ -209,8 +200,7 @@ class SqlWriteTx(_Reads):
                         written.append(rec)  # as stored already: the cache can share it
                         continue
                 else:
-                    keys += 1
-                    key = known[name] = keys
+                    key = known[name] = self._new_key()
                     new_rows.append((*name, key, *values))
                 written.append(replace(rec, exists=True, key=key))
             if new_rows:
@@ -275,20 +265,43 @@ class SqlWriteTx(_Reads):
                 "outbox",
                 [(e.event_id, e.tenant_id, dumps(e.payload), e.created_at) for e in batch.events],
             )
-        if (head, keys) != start:
-            cur.execute(self._sql.write_state, (head, keys))
-            self._head, self._keys = head, keys
+        self._save_feed(cur)
         cur.close()
-        self._hand_over(written, head)
+        self._hand_over(written)
 
-    def _hand_over(self, written: list[StoredRecord], head: int) -> None:
+    # -- the feed: SQLite's global head and keys (the database's write lock holds them)
+
+    def _claim_feed(self, cur: Any, batch: BatchWrite) -> None:
+        """Hold what orders this write's feed positions, up to the commit (SQLite: the
+        transaction holds the whole database already)."""
+        self._start = (self._head, self._keys)
+
+    def _position(self, tenant_id: str) -> int:
+        """The next feed position, for a record of `tenant_id`."""
+        self._head += 1
+        return self._head
+
+    def _new_key(self) -> int:
+        """The record_key of a new record."""
+        self._keys += 1
+        return self._keys
+
+    def _save_feed(self, cur: Any) -> None:
+        if (self._head, self._keys) != self._start:
+            cur.execute(self._sql.write_state, (self._head, self._keys))
+
+    def _expectations(self) -> Expectations | None:
+        """What to check the write against (SQLite: nothing, the transaction is exclusive)."""
+        return None
+
+    def _hand_over(self, written: list[StoredRecord]) -> None:
         """Give the cache the rows this transaction writes (see storage/cache.py).
 
         On SQLite now, before the commit: the transaction holds the database's
         write lock, and only a write transaction (which waits for that lock)
         reads the cache.
         """
-        self._cache.committing(written, head)
+        self._cache.committing(written, self._head)
 
     def committed(self) -> None:
         """The transaction committed (called by the storage, after the commit)."""
@@ -413,14 +426,19 @@ class PgWriteTx(SqlWriteTx):
     """A write transaction on PostgreSQL, where several instances write at once.
 
     Optimistic (the default): it reads and decides without a lock, noting
-    what it read (Expectations); its write takes the feed lock (an advisory
-    lock, held until the commit) and checks that all of that is still so,
-    or raises WriteConflict (see the module docstring for how). So batches of
-    different clients on different records decide in parallel, on several
-    instances, and queue only to write. A conflict costs a second attempt,
-    which the applier makes exclusive: the feed lock from the start, like
-    SQLite's whole-database lock. Holding the feed lock from the feed head's
-    read to the commit makes feed positions visible in their order (SPEC §6).
+    what it read (Expectations); its write locks the feed row of each tenant
+    it touches (`tenant_feed`, an ordinary row lock taken by the UPDATE that
+    hands out the positions, in tenant order, held until the commit) and
+    checks that all it read is still so, or raises WriteConflict (see the
+    module docstring for how). So batches of different clients on different
+    records decide in parallel, on several instances, and queue only to
+    write, and only behind writes of the same tenant: other tenants commit
+    alongside. A conflict costs a second attempt, which the applier makes
+    exclusive: its tenants' rows locked from the start, like SQLite's
+    whole-database lock. Holding a tenant's row from taking its positions to
+    the commit makes that tenant's feed positions visible in their order
+    (SPEC §6: a cursor belongs to one tenant). New records' keys come from
+    the sequence `record_keys`, which needs no lock.
 
     The record cache is trusted only as far as the check: an optimistic
     transaction may use a cached row (a stale one fails the check); an
@@ -434,22 +452,51 @@ class PgWriteTx(SqlWriteTx):
     """
 
     def __init__(
-        self, conn: Connection, sql: Statements, cache: RecordCache, *, exclusive: bool
+        self,
+        conn: Connection,
+        sql: Statements,
+        cache: RecordCache,
+        *,
+        exclusive: bool,
+        tenants: Iterable[str] = (),
     ) -> None:
         self._conn = conn
         self._sql = sql
         self._cache = cache
         self._exclusive = exclusive
-        self._read = Expectations()  # what this transaction read itself
-        self._feed_locked = False
+        self._read = Expectations()  # what this transaction read (of tenants not locked yet)
+        self._read_tenants: dict[str, str] = {}  # client or conflict id read -> its tenant
+        self._locked: set[str] = set()  # the tenants whose feed rows this transaction holds
+        self._next: dict[str, int] = {}  # tenant -> the last feed position handed out
+        self._keys_claimed: list[int] = []  # record keys for this write's new records
         self._written: dict[Name, StoredRecord] = {}  # for the cache, once committed
         self._changes_filled = False  # the temporary table holds this transaction's rows
         if exclusive:
-            self._lock_feed(conn.connection.cursor())
+            named = set(tenants)
+            if not named:
+                raise ValueError("an exclusive PostgreSQL write transaction names its tenants")
+            self._lock_tenants(conn.connection.cursor(), dict.fromkeys(named, 0))
 
-    def _lock_feed(self, cur: Any) -> None:
-        cur.execute(f"SELECT pg_advisory_xact_lock({PG_FEED_LOCK})")
-        self._feed_locked = True
+    def _lock_tenants(self, cur: Any, counts: Mapping[str, int]) -> None:
+        """Lock the feed row of each tenant (in tenant order, so that two transactions
+        never wait for each other) and take `counts[tenant]` positions from it."""
+        try:
+            for tenant in sorted(counts):
+                n = counts[tenant]
+                if tenant in self._locked and not n:
+                    continue
+                cur.execute(_PG_TAKE_POSITIONS, (n, tenant))
+                row = cur.fetchone()
+                if row is None:  # the tenant's first write: its row first
+                    cur.execute(_PG_NEW_TENANT, (tenant, tenant))
+                    cur.execute(_PG_TAKE_POSITIONS, (n, tenant))
+                    row = cur.fetchone()
+                self._locked.add(tenant)
+                self._next[tenant] = int(row[0]) - n
+        except psycopg.errors.DeadlockDetected as err:
+            # Only a transaction that meets a tenant after locking a later one (several
+            # clients' writes in one transaction) can: it is decided again, exclusively.
+            raise WriteConflict("tenant feed rows locked in another order meanwhile") from err
 
     def _cached(self, name: Name) -> StoredRecord | None:
         # What this transaction wrote is exact within it (a second write of
@@ -461,6 +508,8 @@ class PgWriteTx(SqlWriteTx):
 
     def get_client(self, client_id: str) -> ClientRow | None:
         client = super().get_client(client_id)
+        if client is not None:
+            self._read_tenants.setdefault(client_id, client.tenant_id)
         self._read.clients.setdefault(client_id, client.last_seq if client else None)
         return client
 
@@ -478,16 +527,40 @@ class PgWriteTx(SqlWriteTx):
     def load_conflicts(self, tenant_id: str, ids: Iterable[str]) -> dict[str, StoredConflict]:
         found = super().load_conflicts(tenant_id, ids)
         for cid, conflict in found.items():
+            self._read_tenants.setdefault(cid, tenant_id)
             self._read.conflicts.setdefault(cid, conflict.resolved)
         return found
 
-    def _claim_feed(self, cur: Any) -> tuple[int, int]:
-        if not self._feed_locked:
-            self._lock_feed(cur)
-        cur.execute(self._sql.read_state)
-        head, keys = cur.fetchone()
-        self._head, self._keys = head, keys
-        return head, keys
+    def _claim_feed(self, cur: Any, batch: BatchWrite) -> None:
+        # Every tenant the write touches or read, each with the positions its records take.
+        counts = dict.fromkeys(self._tenants_of(batch), 0)
+        for rec in batch.records:
+            counts[rec.tenant_id] += 1
+        self._lock_tenants(cur, counts)
+        new = sum(1 for rec in batch.records if not rec.exists)
+        self._keys_claimed = []
+        if new:
+            cur.execute(_PG_TAKE_KEYS, (new,))
+            self._keys_claimed = [int(k) for (k,) in cur.fetchall()]
+
+    def _tenants_of(self, batch: BatchWrite) -> set[str]:
+        tenants = {name[0] for name in self._read.records}
+        tenants.update(self._read_tenants.values())
+        if batch.client is not None:
+            tenants.add(batch.client.tenant_id)
+        for rows in (batch.records, batch.history, batch.conflicts, batch.resolutions):
+            tenants.update(row.tenant_id for row in rows)
+        return tenants
+
+    def _position(self, tenant_id: str) -> int:
+        self._next[tenant_id] += 1
+        return self._next[tenant_id]
+
+    def _new_key(self) -> int:
+        return self._keys_claimed.pop()
+
+    def _save_feed(self, cur: Any) -> None:
+        """Nothing left to save: _lock_tenants moved each row by the positions taken."""
 
     def _expectations(self) -> Expectations | None:
         return None if self._exclusive else self._read
@@ -496,13 +569,22 @@ class PgWriteTx(SqlWriteTx):
         super().write(batch)
         if batch.records:
             notify_feed(self._conn, {r.tenant_id for r in batch.records})
-        # Checked: and from here to the commit this transaction holds the feed
-        # lock, so a later write in it (another client's batch) reads under the
-        # lock. What this one read is no longer what a later one must find:
-        # this write changed it.
-        self._read = Expectations()
+        # Checked: and from here to the commit this transaction holds its tenants'
+        # feed rows, so a later write in it (another client's batch) reads those
+        # tenants under the lock. What this one read of them is no longer what a
+        # later one must find (this write changed it); what it read of any other
+        # tenant is still checked, when a later write brings that tenant in.
+        read, locked, of = self._read, self._locked, self._read_tenants
+        wrote = batch.client.client_id if batch.client is not None else None
+        self._read = Expectations(
+            clients={
+                c: seq for c, seq in read.clients.items() if c != wrote and of.get(c) not in locked
+            },
+            records={n: v for n, v in read.records.items() if n[0] not in locked},
+            conflicts={c: r for c, r in read.conflicts.items() if of.get(c) not in locked},
+        )
 
-    def _hand_over(self, written: list[StoredRecord], head: int) -> None:
+    def _hand_over(self, written: list[StoredRecord]) -> None:
         # Not before the commit: optimistic transactions read the cache without
         # the lock, and a row they saw before its commit would come without its
         # history (not visible yet), so a change by another client would look
@@ -557,6 +639,18 @@ class PgWriteTx(SqlWriteTx):
         if cur.rowcount != len(rows):
             raise WriteConflict("a record the batch rewrites was changed meanwhile")
 
+
+# Lock a tenant's feed row and move its head by n (returning the new head).
+_PG_TAKE_POSITIONS = (
+    "UPDATE tenant_feed SET feed_head = feed_head + %s WHERE tenant_id = %s RETURNING feed_head"
+)
+# A tenant's first write: its row, from its highest position (0 for a new tenant).
+_PG_NEW_TENANT = (
+    "INSERT INTO tenant_feed (tenant_id, feed_head)"
+    " SELECT %s, COALESCE(MAX(feed_seq), 0) FROM records WHERE tenant_id = %s"
+    " ON CONFLICT (tenant_id) DO NOTHING"
+)
+_PG_TAKE_KEYS = "SELECT nextval('record_keys') FROM generate_series(1, %s)"
 
 _PG_RECORD_CHANGES = (
     "CREATE TEMPORARY TABLE IF NOT EXISTS fieldsync_record_changes_2 ("
