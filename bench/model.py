@@ -9,7 +9,8 @@ stream). Work is of two kinds:
 
 - **instance CPU** (the GIL): a share `cpu_share` of each phase's time runs
   Python on the instance and queues for that instance's one interpreter;
-- **database time**: the rest, queued on the database's `db_cores`.
+- **database time**: the rest, a delay (the database's own queues are
+  left out: its CPU is a bound, below).
 
 Calibration (`Calibration.measured`) comes from one stream through one
 process on this machine, as `reconnect_pg_tenants` measures it: its rate
@@ -18,11 +19,14 @@ commit section (sampled from PostgreSQL, bench/locksampler.py) and the
 share of T the service process was on a CPU. So the model reproduces the
 one-process figure by construction, and its other predictions are checks.
 
-`this_machine` models the bench's machine: every instance, PostgreSQL and
-the work of the clients on one pool of `cores` (2) CPUs. `grid` models the
-tiers past it: each instance on a core of its own, PostgreSQL on
-`db_cores` (default 16) of its own, 2 streams per instance, their tenants
-drawn uniformly or Zipf-skewed (s = 1.1) from 1 to 10,000 tenants.
+`this_machine` models the bench's machine: the queues above, bounded by
+what the CPUs the run had (`cores_free`: 2 less what the machine's other
+users took meanwhile) can do at the measured CPU seconds per mutation of
+everything (service, PostgreSQL, client). `grid` models the tiers past it:
+each instance on a core of its own, 2 streams per instance, their tenants
+drawn uniformly or Zipf-skewed (s = 1.1) from 1 to 10,000 tenants, bounded
+by PostgreSQL's CPU (`db_cores`, default 16, at the measured PostgreSQL CPU
+seconds per mutation).
 
 What it leaves out (docs/scaling.md says what that means for its figures):
 retries of optimistic writes (the reconnect workload has none across
@@ -30,7 +34,7 @@ tenants, few within one), WAL flush batching, network latency between
 machines, and that a larger database machine is not linearly faster.
 
     python -m bench.model            # calibrate from bench/results/latest.json, print, plot
-    python -m bench.model --rate 11900 --section-share 0.3 --cpu-share 0.9
+    python -m bench.model --rate 11938 --section-share 0.41 --cpu-share 0.5 --db-cpu-us 40
 """
 
 from __future__ import annotations
@@ -307,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--section-share", type=float, default=0.3)
     p.add_argument("--cpu-share", type=float, default=0.9)
     p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--db-cpu-us", type=float, default=0.0, help="PostgreSQL CPU µs a mutation")
     p.add_argument("--db-cores", type=int, default=16)
     p.add_argument("--png", type=Path, default=RESULTS / "model.png")
     args = p.parse_args(argv)
@@ -317,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch=args.batch,
             section_share=args.section_share,
             service_cpu_share=args.cpu_share,
+            db_cpu=args.db_cpu_us / 1e6,
         )
     else:
         cal, measured = _from_results(args.results)
