@@ -18,7 +18,7 @@ import pytest
 
 from sync_service.storage import SqlStorage
 from sync_service.storage.base import BatchWrite, StoredRecord
-from sync_service.storage.pg_notify import libpq_url
+from sync_service.storage.postgres import libpq_url
 from tests import pg
 
 storage_url = pg.storage_url

@@ -1,4 +1,4 @@
-"""PostgreSQL LISTEN/NOTIFY for the change feed: wake Subscribe streams of every instance.
+"""PostgreSQL's LISTEN/NOTIFY for the change feed: wake Subscribe streams of every instance.
 
 A write transaction that moves the feed calls `notify_feed` (a
 `pg_notify('fieldsync_feed', tenant)`, which PostgreSQL delivers only when the
@@ -7,10 +7,8 @@ transaction commits, and never if it rolls back). Each sync process runs one
 that LISTENs on the channel and, for each notification, wakes the process's
 ChangeNotifier on its event loop. If the connection drops it reconnects with
 backoff and then wakes everyone once, since notifications sent meanwhile are
-lost; the Subscribe poll stays as the last resort.
-
-Nothing here decides what a change is or reads the feed: a wake-up only tells
-Subscribe streams to look again.
+lost; the Subscribe poll stays as the last resort. storage/postgres.py uses
+and re-exports these; a wake-up decides nothing and reads no feed.
 """
 
 from __future__ import annotations
@@ -24,8 +22,6 @@ from collections.abc import Callable, Iterable
 import psycopg
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import make_url
-
-__all__ = ["FEED_CHANNEL", "LISTENER_APPLICATION_NAME", "FeedListener", "notify_feed"]
 
 log = logging.getLogger("fieldsync.feed.listen")
 
