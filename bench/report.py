@@ -60,6 +60,8 @@ GOALS = (
     Goal("pull", "value", ">=", 100_000),
     Goal("reconnect_pg", "value", ">=", 15_000),
     Goal("reconnect_pg", "value_2_processes", ">=", 22_000),
+    Goal("reconnect_pg_tenants", "ratio_vs_1_process", ">=", 1.8),
+    Goal("reconnect_pg_tenants", "lock_wait_share", "<=", 0.1),
 )
 
 # What the table shows of each scenario, in order (the JSON has everything).
@@ -81,6 +83,7 @@ ORDER = (
     "reconnect_pg",
     "concurrent_pg",
     "client_sync_ts",
+    "reconnect_pg_tenants",
 )
 SHOWN: Mapping[str, tuple[str, ...]] = {
     "reconnect_sqlite": ("value", "ratio_vs_storage_floor", "ratio_vs_transport_floor"),
@@ -98,6 +101,13 @@ SHOWN: Mapping[str, tuple[str, ...]] = {
     "reconnect_pg": ("value", "value_2_processes", "ratio_2_vs_1_processes"),
     "concurrent_pg": ("value", "p99_batch_ms", "errors"),
     "client_sync_ts": ("value", "python_mutations_per_s", "ratio_vs_python"),
+    "reconnect_pg_tenants": (
+        "value",
+        "ratio_vs_1_process",
+        "lock_wait_share",
+        "model_value",
+        "model_error",
+    ),
 }
 UNITS = {
     "max_ms": "ms",
@@ -111,6 +121,8 @@ UNITS = {
     "bytes_per_keystroke": "B",
     "bytes_per_whole_value": "B",
     "cpu_ratio_vs_metrics_off": "ratio",
+    "lock_wait_share": "share",
+    "model_error": "ratio - 1",
 }
 
 
