@@ -135,10 +135,11 @@ def test_one_tenants_writes_from_many_threads_take_gapless_positions_in_commit_o
         cursor = 0
         while True:
             last = done.is_set()
-            for r in st.pull(tenant, cursor, [], 5):
+            page = st.pull(tenant, cursor, [], 5)
+            for r in page:
                 seen[tenant].append(r.feed_seq)
                 cursor = r.feed_seq
-            if last:
+            if last and not page:  # every writer had finished: read to the end
                 return
             time.sleep(0.005)
 
