@@ -47,14 +47,17 @@ class Goal:
 
 GOALS = (
     Goal("reconnect_sqlite", "value", ">=", 20_000),
-    Goal("reconnect_sqlite", "ratio_vs_storage_floor", ">=", 0.7),
+    Goal("reconnect_sqlite", "ratio_vs_storage_floor", ">=", 0.9),
+    Goal("reconnect_sqlite", "cpu_us_per_mutation", "<=", 40),
+    Goal("reconnect_conflicts", "ratio_vs_reconnect", ">=", 0.6),
     Goal("latency", "p50_ms", "<=", 1.5),
     Goal("latency", "p99_ms", "<=", 5),
+    Goal("latency", "ratio_vs_floor", "<=", 1.3),
     Goal("concurrent", "value", ">=", 15_000),
     Goal("concurrent", "errors", "==", 0),
     Goal("store_size", "value", ">=", 0.8),
     Goal("memory", "value", "<=", 200),
-    Goal("pull", "value", ">=", 100_000),
+    Goal("pull", "value", ">=", 150_000),
     Goal("reconnect_pg", "value", ">=", 15_000),
     Goal("reconnect_pg", "value_2_processes", ">=", 22_000),
 )
@@ -64,7 +67,9 @@ ORDER = (
     "reconnect_sqlite",
     "storage_floor",
     "transport_floor",
+    "reconnect_conflicts",
     "latency",
+    "latency_floor",
     "concurrent",
     "store_size",
     "memory",
@@ -75,8 +80,15 @@ ORDER = (
     "concurrent_pg",
 )
 SHOWN: Mapping[str, tuple[str, ...]] = {
-    "reconnect_sqlite": ("value", "ratio_vs_storage_floor", "ratio_vs_transport_floor"),
-    "latency": ("p50_ms", "p99_ms"),
+    "reconnect_sqlite": (
+        "value",
+        "ratio_vs_storage_floor",
+        "ratio_vs_transport_floor",
+        "cpu_us_per_mutation",
+    ),
+    "reconnect_conflicts": ("value", "ratio_vs_reconnect", "cpu_us_per_mutation"),
+    "latency": ("p50_ms", "p99_ms", "ratio_vs_floor"),
+    "latency_floor": ("p50_ms", "p99_ms"),
     "concurrent": ("value", "p99_batch_ms", "errors"),
     "store_size": ("value", "small_mutations_per_s", "large_mutations_per_s"),
     "memory": ("value", "mutations"),
@@ -87,6 +99,7 @@ SHOWN: Mapping[str, tuple[str, ...]] = {
     "concurrent_pg": ("value", "p99_batch_ms", "errors"),
 }
 UNITS = {
+    "cpu_us_per_mutation": "us CPU",
     "max_ms": "ms",
     "p50_ms": "ms",
     "p99_ms": "ms",

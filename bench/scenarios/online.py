@@ -1,4 +1,5 @@
-"""latency and concurrent: online clients calling ApplyBatch on the SQLite service.
+"""latency and concurrent: online clients calling ApplyBatch on the SQLite service;
+and latency_floor beside latency (bench.scenarios.floors).
 
 latency: one client, `ApplyBatch` calls of one mutation each, one after
 another (after a few untimed warm-up calls) -> p50 and p99 of the call time.
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from bench import driver, procs, workload
 from bench.context import Ctx
 from bench.driver import ConcurrentClient, Tally
+from bench.scenarios import floors
 from bench.stats import Figures, percentile, summarize
 from fieldsync.v1 import sync_pb2
 
@@ -80,6 +82,7 @@ def run(ctx: Ctx) -> dict[str, Figures]:
     muts = workload.rounds_workload("lat-", max(1, s.latency_calls // 10), s.latency_calls)
     reqs = [workload.apply_batch_bytes("lat", [m]) for m in muts]
     latency_runs: list[Figures] = []
+    floor_runs: list[Figures] = []
     concurrent_runs: list[Figures] = []
     for rep in ctx.repetitions("latency+concurrent"):
         folder = ctx.folder(f"latency-{rep}")
@@ -91,23 +94,19 @@ def run(ctx: Ctx) -> dict[str, Figures]:
             t = driver.apply_sequential(
                 proc.address, workload.metadata(sub="lat"), reqs, deadline=s.latency_cap
             )
-        p50 = percentile(t.latencies_ms, 50)
-        latency_runs.append(
-            {
-                "value": round(p50, 3),
-                "p50_ms": round(p50, 3),
-                "p90_ms": round(percentile(t.latencies_ms, 90), 3),
-                "p99_ms": round(percentile(t.latencies_ms, 99), 3),
-                "max_ms": round(max(t.latencies_ms, default=0.0), 3),
-                "calls": len(t.latencies_ms),
-                "errors": len(t.errors) + t.statuses["rejected"],
-                "truncated": t.truncated,
-                "first_error": t.errors[0] if t.errors else "",
-            }
+        latency_runs.append(floors.latency_figures(t))
+        floor_runs.append(floors.latency_floor(folder, warm_reqs, reqs, cap=s.latency_cap))
+        floor_p50 = floor_runs[-1]["p50_ms"]
+        latency_runs[-1]["ratio_vs_floor"] = (
+            round(latency_runs[-1]["p50_ms"] / floor_p50, 4)  # type: ignore[operator]
+            if isinstance(floor_p50, float) and floor_p50 > 0
+            else 0.0
         )
         ctx.log(
             f"latency rep {rep + 1}/{ctx.reps}: p50 {latency_runs[-1]['p50_ms']} ms, "
-            f"p99 {latency_runs[-1]['p99_ms']} ms over {len(t.latencies_ms)} calls"
+            f"p99 {latency_runs[-1]['p99_ms']} ms over {len(t.latencies_ms)} calls; "
+            f"floor p50 {floor_p50} ms, p99 {floor_runs[-1]['p99_ms']} ms "
+            f"({latency_runs[-1]['ratio_vs_floor']} x)"
         )
 
         folder = ctx.folder(f"concurrent-{rep}")
@@ -121,5 +120,6 @@ def run(ctx: Ctx) -> dict[str, Figures]:
         )
     return {
         "latency": summarize("ms (p50)", latency_runs),
+        "latency_floor": summarize("ms (p50)", floor_runs),
         "concurrent": summarize("mutations/s", concurrent_runs),
     }
