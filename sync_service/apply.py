@@ -42,7 +42,7 @@ from fieldsync.errors import (
 )
 from fieldsync.values import Fields, FieldValue
 from sync_service.decode import Repair, WarningCode, apply_defaults, decode_fields
-from sync_service.events import make_event
+from sync_service.events import make_event, new_id
 from sync_service.merge import DELETED, Change, Decision, Op, Outcome, decide
 from sync_service.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome, Status
 from sync_service.schema import CollectionSpec, Policy, Schema
@@ -635,7 +635,7 @@ class _BatchRun:
     def _stage_conflict(self, m: MutationIn, rec: StoredRecord, d: Decision) -> StoredConflict:
         assert d.conflict_kind is not None
         conflict = StoredConflict(
-            conflict_id=uuid.uuid4().hex,
+            conflict_id=new_id(),
             tenant_id=self.tenant,
             collection=m.collection,
             record_id=m.record_id,

@@ -7,11 +7,21 @@ transaction as the change it describes; the relay turns it into the proto.
 
 from __future__ import annotations
 
-import uuid
+import os
 
 from fieldsync.audit_kinds import EventKind
 from fieldsync.values import Fields, encode_fields
 from sync_service.storage.base import OutboxEvent
+
+
+def new_id() -> str:
+    """A random version-4 UUID as 32 hex digits, exactly as `uuid.uuid4().hex` gives one, in
+    a fifth of its time (it builds a UUID object around the integer); an event or conflict
+    id is made for every conflicting field, so this runs several times a mutation."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40  # version 4
+    b[8] = (b[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    return b.hex()
 
 
 def make_event(
@@ -30,7 +40,7 @@ def make_event(
     message: str = "",
     details: Fields | None = None,
 ) -> OutboxEvent:
-    event_id = uuid.uuid4().hex
+    event_id = new_id()
     payload = {
         "event_id": event_id,
         "tenant_id": tenant_id,
