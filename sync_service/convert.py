@@ -6,7 +6,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from fieldsync.v1 import common_pb2, sync_pb2
 from fieldsync.values import fields_from_proto, fields_to_proto, to_proto
-from sync_service.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome
+from sync_service.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome, Status
 from sync_service.storage.base import FeedRecord, StoredConflict, StoredRecord
 
 
@@ -40,12 +40,15 @@ def batch_from_proto(pb: sync_pb2.MutationBatch) -> BatchIn:
     )
 
 
-def record_to_proto(rec: StoredRecord | FeedRecord, out: common_pb2.Record) -> None:
+def record_to_proto(
+    rec: StoredRecord | FeedRecord, out: common_pb2.Record, *, with_fields: bool = True
+) -> None:
     out.collection = rec.collection
     out.record_id = rec.record_id
     out.version = rec.version
     out.deleted = rec.deleted
-    fields_to_proto(rec.fields, out.fields)
+    if with_fields:
+        fields_to_proto(rec.fields, out.fields)
     ts = out.updated_at
     ts.seconds, ts.nanos = divmod(rec.updated_at, 1_000_000_000)
     out.updated_by = rec.updated_by
@@ -69,12 +72,17 @@ def conflict_to_proto(c: StoredConflict, out: sync_pb2.Conflict) -> None:
     out.resolved = c.resolved
 
 
-def outcome_to_proto(o: MutationOutcome, out: sync_pb2.MutationResult) -> None:
+def outcome_to_proto(
+    o: MutationOutcome, out: sync_pb2.MutationResult, *, compact: bool = False
+) -> None:
+    """`compact` (SyncHello.compact_results): an APPLIED result without warnings carries
+    its record without the fields (they are the client's base plus its own writes)."""
     out.mutation_id = o.mutation_id
     out.client_seq = o.client_seq
     out.status = int(o.status)  # type: ignore[assignment]
     if o.record is not None and o.record.version:
-        record_to_proto(o.record, out.record)
+        with_fields = not (compact and o.status is Status.APPLIED and not o.warnings)
+        record_to_proto(o.record, out.record, with_fields=with_fields)
     if o.conflict is not None:
         conflict_to_proto(o.conflict, out.conflict)
     for w in o.warnings:
@@ -86,13 +94,14 @@ def outcome_to_proto(o: MutationOutcome, out: sync_pb2.MutationResult) -> None:
 
 
 def batch_outcome_to_proto(
-    bo: BatchOutcome, out: sync_pb2.BatchResult | None = None
+    bo: BatchOutcome, out: sync_pb2.BatchResult | None = None, *, compact: bool = False
 ) -> sync_pb2.BatchResult:
-    """Fill `out` (the result field of a response, so nothing is copied) or a new one."""
+    """Fill `out` (the result field of a response, so nothing is copied) or a new one;
+    `compact` as outcome_to_proto takes it."""
     if out is None:
         out = sync_pb2.BatchResult()
     out.last_applied_seq = bo.last_applied_seq
     add = out.results.add
     for o in bo.results:
-        outcome_to_proto(o, add())
+        outcome_to_proto(o, add(), compact=compact)
     return out

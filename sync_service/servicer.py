@@ -135,6 +135,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                 violations=[("hello", "required as the first message")],
             )
         client_id = first.hello.client_id
+        compact = first.hello.compact_results
         last = await asyncio.to_thread(self._applier.last_applied_seq, principal, client_id)
         yield sync_pb2.SyncResponse(
             welcome=sync_pb2.SyncWelcome(
@@ -164,14 +165,14 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                         inbox.raise_error()
                         return
                     running = asyncio.ensure_future(
-                        self._apply(principal, group, sync_pb2.SyncResponse)
+                        self._apply(principal, group, sync_pb2.SyncResponse, compact)
                     )
                 answers = await running
                 running = None
                 group = inbox.group_waiting()
                 if group:
                     running = asyncio.ensure_future(
-                        self._apply(principal, group, sync_pb2.SyncResponse)
+                        self._apply(principal, group, sync_pb2.SyncResponse, compact)
                     )
                 for answer in answers:
                     yield answer
@@ -210,7 +211,11 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         return batch
 
     async def _apply(
-        self, principal: Principal, batches: list[BatchIn], answer: Callable[[], _Answer]
+        self,
+        principal: Principal,
+        batches: list[BatchIn],
+        answer: Callable[[], _Answer],
+        compact: bool = False,
     ) -> list[_Answer]:
         """Apply one client's batches, in order; an answer message for each, once committed.
 
@@ -222,11 +227,12 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         call into a commit per round; a call alone starts at once, as before.
         A write whose caller went away before it started is dropped; one
         that started commits anyway (it is durable, and a resend is answered
-        DUPLICATE).
+        DUPLICATE). `compact`: the answers leave the fields out of an APPLIED
+        result's record (SyncHello.compact_results).
         """
         size = sum(len(b.mutations) for b in batches)
         done: asyncio.Future[list[_Answer]] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Write(principal, batches, size, answer, done))
+        self._waiting.append(_Write(principal, batches, size, answer, done, compact))
         self._start_writes()
         return await done
 
@@ -586,6 +592,7 @@ class _Write(Generic[_Answer]):
     size: int  # mutations
     answer: Callable[[], _Answer]
     done: asyncio.Future[list[_Answer]]
+    compact: bool = False  # SyncHello.compact_results
 
 
 def _answers_each(
@@ -599,18 +606,20 @@ def _answers_each(
             out.append(result)
             continue
         try:
-            out.append(_answers(result, w.answer))
+            out.append(_answers(result, w.answer, w.compact))
         except Exception as err:
             log.exception("building the answers of a committed write failed")
             out.append(err)
     return out
 
 
-def _answers(outcomes: list[BatchOutcome], answer: Callable[[], _Answer]) -> list[_Answer]:
+def _answers(
+    outcomes: list[BatchOutcome], answer: Callable[[], _Answer], compact: bool = False
+) -> list[_Answer]:
     out = []
     for o in outcomes:
         msg = answer()
-        batch_outcome_to_proto(o, msg.result)
+        batch_outcome_to_proto(o, msg.result, compact=compact)
         out.append(msg)
     return out
 
