@@ -7,17 +7,18 @@ the wire `Value`; `encode`/`decode` to and from the JSON form stored in the
 database. `same` is the equality every merge decision uses: it never calls
 True equal to 1, and two NaNs are the same value.
 
-Nothing here knows about schemas or coercion (see sync_service.decode).
+Nothing here knows about schemas or coercion (see sync_service.rules.decode).
 """
 
 from __future__ import annotations
 
 import base64
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, TypeAlias
+from datetime import UTC, date, datetime
+from typing import Any, Final, TypeAlias
 
 from fieldsync.jsontext import dumps, loads, make_dumps
 from fieldsync.v1 import common_pb2
@@ -51,6 +52,50 @@ class Timestamp:
 
     def isoformat(self) -> str:
         return self.to_datetime().isoformat().replace("+00:00", "Z")
+
+
+# google.protobuf.Timestamp's range: a value outside it could not be sent back.
+_MIN_TIMESTAMP_NANOS: Final = -62_135_596_800 * 10**9  # 0001-01-01T00:00:00Z
+_MAX_TIMESTAMP_NANOS: Final = 253_402_300_799 * 10**9 + 999_999_999  # 9999-12-31T23:59:59.9…Z
+# RFC 3339 (plus "+hhmm", which strftime's %z writes). The fraction stops at
+# 9 digits because a Timestamp holds nanoseconds: a tenth digit would be lost.
+_ISO_TIMESTAMP = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(?:\.([0-9]{1,9}))?"
+    r"(?:[Zz]|([+-])([0-9]{2}):?([0-9]{2}))"
+)
+_EPOCH_ORDINAL: Final = date(1970, 1, 1).toordinal()
+
+
+def parse_timestamp(text: str) -> Timestamp | None:
+    """The instant an RFC 3339 timestamp names, or None if `text` is not one.
+
+    A timezone (`Z` or an offset) is required: a local time names no instant.
+    Up to 9 fraction digits are kept exactly; the offset is not kept (the
+    instant is what the field holds). Used for timestamp fields
+    (sync_service.rules.decode) and the schema file's defaults.
+    """
+    m = _ISO_TIMESTAMP.fullmatch(text)
+    if m is None:
+        return None
+    year, month, day, hour, minute, second = (int(g) for g in m.group(1, 2, 3, 4, 5, 6))
+    fraction, sign, off_hours, off_minutes = m.group(7, 8, 9, 10)
+    if hour > 23 or minute > 59 or second > 59:  # no leap seconds: a Timestamp has none
+        return None
+    try:
+        days = date(year, month, day).toordinal() - _EPOCH_ORDINAL
+    except ValueError:
+        return None
+    offset = 0
+    if sign is not None:
+        if int(off_hours) > 23 or int(off_minutes) > 59:
+            return None
+        offset = (int(off_hours) * 3600 + int(off_minutes) * 60) * (1 if sign == "+" else -1)
+    seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset
+    nanos = seconds * 10**9 + (int(fraction.ljust(9, "0")) if fraction else 0)
+    if not _MIN_TIMESTAMP_NANOS <= nanos <= _MAX_TIMESTAMP_NANOS:
+        return None
+    return Timestamp(nanos)
 
 
 FieldValue: TypeAlias = bool | int | float | str | bytes | Json | Timestamp | None

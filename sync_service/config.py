@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fieldsync.auth import AuthConfig
-from sync_service.schema import DEFAULT_SCHEMA_PATH
+from sync_service.schema_file import DEFAULT_SCHEMA_PATH
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 A cursor is an opaque token around a feed position (records.feed_seq).
 `ChangeNotifier` wakes the Subscribe streams of this process when a batch
-commits; changes committed by other processes are found by polling.
+commits; changes committed by other processes are found by polling, or heard
+at once on PostgreSQL (storage/postgres.FeedListener).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The outbox relay: delivers audit events from the sync database to the audit service.
 
 Events are written to the outbox in the same transaction as the change they
-describe (sync_service.apply). This relay, a background task of the sync
+describe (sync_service.writes: staged by writes/audit_events.py, written with
+the batch by storage/transactions.py). This relay, a background task of the sync
 service, sends them in batches with RecordEvents and forgets them only once
 acknowledged; the audit service stores each event_id once, so a batch sent
 twice (a lost acknowledgement, two relays) is harmless. While the audit

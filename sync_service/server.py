@@ -22,15 +22,15 @@ from fieldsync.auth import TokenVerifier
 from fieldsync.interceptors import FieldSyncInterceptor
 from fieldsync.serving import NOT_SERVING, SERVING, listen, set_health, stop_event, tune_gc
 from fieldsync.v1 import sync_pb2, sync_pb2_grpc
-from sync_service.apply import Applier
+from sync_service.api.servicer import SyncServicer
 from sync_service.config import SyncConfig
 from sync_service.feed import ChangeNotifier
 from sync_service.relay import HEALTH_NAME as RELAY_HEALTH_NAME
 from sync_service.relay import AuditRelay, ServiceToken
-from sync_service.schema import load_schema
-from sync_service.servicer import SyncServicer
-from sync_service.storage.pg_notify import FeedListener
+from sync_service.schema_file import load_schema
+from sync_service.storage.engine import ChangeListener
 from sync_service.storage.sql import SqlStorage
+from sync_service.writes.applier import Applier
 
 log = logging.getLogger("fieldsync.sync")
 
@@ -47,7 +47,7 @@ class SyncApp:
     servicer: SyncServicer | None = None
     notifier: ChangeNotifier | None = None
     relay_task: asyncio.Task[None] | None = None
-    feed_listener: FeedListener | None = None
+    feed_listener: ChangeListener | None = None
 
     @classmethod
     def from_config(cls, config: SyncConfig) -> SyncApp:
@@ -83,14 +83,13 @@ class SyncApp:
             self.notifier,
             pull_page_size=self.config.pull_page_size,
             subscribe_poll_seconds=self.config.subscribe_poll_seconds,
-            combine_writes=self.storage.dialect == "sqlite",
         )
         sync_pb2_grpc.add_SyncServiceServicer_to_server(servicer, server)
-        if self.storage.dialect == "postgresql":
-            # Commits of other instances wake this one's Subscribe streams at once.
-            self.feed_listener = FeedListener(
-                self.storage.url, asyncio.get_running_loop(), self.notifier.notify
-            )
+        # Commits of other instances (PostgreSQL) wake this one's Subscribe streams at once.
+        self.feed_listener = self.storage.change_listener(
+            asyncio.get_running_loop(), self.notifier.notify
+        )
+        if self.feed_listener is not None:
             self.feed_listener.start()
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

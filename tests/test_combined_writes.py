@@ -25,14 +25,14 @@ from fieldsync.auth import Principal
 from fieldsync.errors import FieldSyncError, PermissionDenied
 from fieldsync.v1 import sync_pb2, sync_pb2_grpc
 from fieldsync.values import Timestamp
-from sync_service.apply import Applier
-from sync_service.merge import Op
-from sync_service.model import BatchIn, BatchOutcome, MutationIn
-from sync_service.schema import DEFAULT_SCHEMA_PATH, load_schema
+from sync_service.rules.merge import Op
+from sync_service.schema_file import DEFAULT_SCHEMA_PATH, load_schema
 from sync_service.server import SyncApp
 from sync_service.storage.base import BatchWrite
 from sync_service.storage.sql import SqlStorage
 from sync_service.storage.transactions import SqlWriteTx
+from sync_service.writes.applier import Applier
+from sync_service.writes.model import BatchIn, BatchOutcome, MutationIn
 from tests.conftest import make_config
 from tests.grpc_harness import serve_in_thread
 from tests.support import PATCH, S, SyncEnv, plain

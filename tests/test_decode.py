@@ -16,18 +16,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fieldsync.values import FieldValue, Json, Timestamp, same
-from sync_service.decode import (
+from fieldsync.values import FieldValue, Json, Timestamp, parse_timestamp, same
+from sync_service.rules.decode import (
     INT64_MAX,
     INT64_MIN,
     Repair,
     WarningCode,
     apply_defaults,
     decode_fields,
-    parse_timestamp,
     zero_value,
 )
-from sync_service.schema import CollectionSpec, FieldSpec, FieldType, Policy, parse_schema
+from sync_service.rules.schema import CollectionSpec, FieldSpec, FieldType, Policy, parse_schema
 
 W = WarningCode
 TASKS = parse_schema(

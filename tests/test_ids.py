@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from sync_service.events import new_id
+from sync_service.writes.audit_events import new_id
 
 
 def test_new_ids_are_distinct_version_4_uuids_in_hex() -> None:

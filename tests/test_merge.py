@@ -1,4 +1,4 @@
-"""The merge decision (sync_service.merge.decide), tested as a pure function (SPEC §1, §3).
+"""The merge decision (sync_service.rules.merge.decide), tested as a pure function (SPEC §1, §3).
 
 Examples first, one per case of SPEC §3, each built from a small `Log` (the
 record's history as the server would store it); then Hypothesis properties
@@ -17,7 +17,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fieldsync.values import FieldValue, same
-from sync_service.merge import (
+from sync_service.rules.merge import (
     DELETED,
     Change,
     ConflictKind,
@@ -30,7 +30,7 @@ from sync_service.merge import (
     RecordState,
     decide,
 )
-from sync_service.schema import Policy
+from sync_service.rules.schema import Policy
 
 ME = "me"
 OTHERS = ("ann", "bob", "cy")
@@ -60,7 +60,7 @@ class Log:
     """Every committed version of one record, from "never existed" (version 0) on.
 
     Deletes keep the fields (a tombstone), and a write to a deleted record
-    re-creates it, as sync_service.apply stores them. A commit always changes
+    re-creates it, as sync_service.writes.batch_run stores them. A commit always changes
     something: a no-op is not a version (SPEC §1).
     """
 

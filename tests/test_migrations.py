@@ -18,7 +18,7 @@ from sqlalchemy.pool import NullPool
 from fieldsync.db import normalize_url
 from fieldsync.jsontext import dumps
 from fieldsync.values import Timestamp, encode_fields
-from sync_service.merge import Change
+from sync_service.rules.merge import Change
 from sync_service.storage import SqlStorage
 from sync_service.storage.base import BatchWrite, HistoryRow, StoredRecord
 from sync_service.storage.sql import MIGRATIONS

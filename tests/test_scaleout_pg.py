@@ -46,7 +46,7 @@ from fieldsync.v1 import audit_pb2, audit_pb2_grpc, common_pb2, sync_pb2, sync_p
 from fieldsync.values import FieldValue, decode_fields, from_proto
 from sync_service.feed import decode_cursor
 from sync_service.storage.base import BatchWrite, OutboxEvent
-from sync_service.storage.pg_notify import FEED_CHANNEL, LISTENER_APPLICATION_NAME, libpq_url
+from sync_service.storage.postgres import FEED_CHANNEL, LISTENER_APPLICATION_NAME, libpq_url
 from sync_service.storage.rows import PG_FEED_LOCK
 from sync_service.storage.sql import SqlStorage
 from tests.pg import PG_SKIP_REASON, fresh_pg_database, pg_server_url

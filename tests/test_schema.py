@@ -14,17 +14,16 @@ from typing import Any
 import pytest
 
 from fieldsync.values import Json, Timestamp
-from sync_service.schema import (
-    DEFAULT_SCHEMA_PATH,
+from sync_service.rules.schema import (
     CollectionSpec,
     FieldSpec,
     FieldType,
     Policy,
     Schema,
     SchemaError,
-    load_schema,
     parse_schema,
 )
+from sync_service.schema_file import DEFAULT_SCHEMA_PATH, load_schema
 
 SOURCE = "test.yaml"
 

@@ -34,7 +34,7 @@ from sqlalchemy.pool import NullPool
 
 from fieldsync.db import normalize_url
 from fieldsync.values import FieldValue, Json, Timestamp
-from sync_service.merge import Change
+from sync_service.rules.merge import Change
 from sync_service.storage import SqlStorage, Storage
 from sync_service.storage.base import (
     BatchWrite,

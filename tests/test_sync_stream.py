@@ -15,8 +15,8 @@ import pytest
 from fieldsync.auth import Principal
 from fieldsync.v1 import sync_pb2
 from fieldsync.values import FieldValue
+from sync_service.api.convert import batch_from_proto, batch_outcome_to_proto
 from sync_service.config import SyncConfig
-from sync_service.convert import batch_from_proto, batch_outcome_to_proto
 from sync_service.server import SyncApp
 from tests.conftest import make_config, running_sync
 from tests.support import DELETE, PUT, SECRET, S, SyncEnv, md, mut, plain, rpc_reason, token

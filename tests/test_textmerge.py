@@ -1,4 +1,4 @@
-"""The three-way character merge of ``text`` fields (sync_service.textmerge, SPEC §3).
+"""The three-way character merge of ``text`` fields (sync_service.rules.textmerge, SPEC §3).
 
 Examples first: the issue's, then each rule and boundary of the module docstring, then
 real text (emoji, combining marks, CJK, right-to-left, CRLF, empty, a 1 MB page) and the
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sync_service.textmerge import merge_text
+from sync_service.rules.textmerge import merge_text
 
 PROPERTY = settings(max_examples=300, deadline=None)
 

@@ -28,7 +28,7 @@ from bench.stats import Figures, summarize
 
 MIB = 1024
 SAMPLE_EVERY = 0.5  # seconds between looks at the service's VmRSS
-BIG_PAGE = 5000  # the most a Pull page may hold (sync_service.servicer.MAX_PULL_PAGE)
+BIG_PAGE = 5000  # the most a Pull page may hold (sync_service.api.servicer.MAX_PULL_PAGE)
 
 
 def _template(ctx: Ctx, name: str, n: int) -> Path:

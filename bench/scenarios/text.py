@@ -3,7 +3,7 @@
 A deterministic page of words and lines (100 KB); each side makes 50 small
 edits (insert, delete or replace a few words) in its own regions, far from
 the other side's, as two people editing one page offline do. The figure is
-the median time of `sync_service.textmerge.merge_text(base, yours, theirs)`,
+the median time of `sync_service.rules.textmerge.merge_text(base, yours, theirs)`,
 the call the merge engine makes for a `text` field, and each run checks that
 every edit of both sides is in the result.
 """
@@ -15,7 +15,7 @@ import time
 
 from bench.context import Ctx
 from bench.stats import Figures, summarize
-from sync_service.textmerge import merge_text
+from sync_service.rules.textmerge import merge_text
 
 PAGE_BYTES = 100_000
 EDITS_PER_SIDE = 50

@@ -1,4 +1,5 @@
-"""Storage of the sync service: the interface (base) and its SQL implementation."""
+"""Storage of the sync service: the seam (base), its SQL implementation (sql, transactions),
+and each engine's differences (sqlite, postgres)."""
 
 from sync_service.storage.base import Storage, WriteTx
 from sync_service.storage.sql import SqlStorage

@@ -3,7 +3,8 @@
 Everything the applier and the servicer need from a database is here, as
 plain dataclasses and two Protocols: `Storage` (reads, and opening a write
 transaction) and `WriteTx` (the set-based reads and the one write of a batch,
-all in one transaction). SQLite and PostgreSQL implement it; the conformance
+all in one transaction). storage/sql.py implements it for SQLite and PostgreSQL (each engine's
+differences in storage/sqlite.py and storage/postgres.py); the conformance
 suite (tests/test_storage_conformance.py) runs against both.
 
 Every method takes the tenant and filters by it: no method can read or write
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from fieldsync.values import FieldValue
-from sync_service.merge import Change
+from sync_service.rules.merge import Change
 
 
 @dataclass(slots=True)
@@ -212,6 +213,12 @@ class WriteTx(Reads, Protocol):
 
 
 class Storage(Protocol):
+    @property
+    def combine_writes(self) -> bool:
+        """Whether the service should apply several clients' waiting writes in one
+        transaction (where a write transaction holds the whole database anyway)."""
+        ...
+
     def write_transaction(self, *, exclusive: bool = False) -> AbstractContextManager[WriteTx]:
         """A write transaction (see WriteTx); optimistic where the engine can be."""
         ...

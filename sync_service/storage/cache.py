@@ -19,7 +19,7 @@ are provably the database's own:
 
 On PostgreSQL, optimistic transactions read the cache without the lock and
 check afterwards that each record they read is still at the version they
-read (storage/transactions.PgWriteTx), so there the head is not used: rows
+read (storage/postgres.PgWriteTx), so there the head is not used: rows
 are handed over only once committed (`committed`), never over a newer copy.
 A row seen before its commit would come without its history, which is not
 visible yet, and its version would pass the check once it commits: a change

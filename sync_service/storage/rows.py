@@ -86,7 +86,6 @@ class Statements:
     write_state: str
     inserts: dict[str, str]  # table -> its INSERT of INSERT_COLUMNS
     update_record: str
-    update_record_at: str  # ... only at the version given last
     select_client: str
     insert_client: str
     update_client: str
@@ -107,9 +106,6 @@ class Statements:
             write_state=f"UPDATE sync_state SET feed_head = {ph}, record_keys = {ph} WHERE id = 1",
             inserts={table: insert(table, columns) for table, columns in INSERT_COLUMNS.items()},
             update_record=f"UPDATE records SET {sets} WHERE record_key = {ph}",
-            update_record_at=(
-                f"UPDATE records SET {sets} WHERE record_key = {ph} AND version = {ph}"
-            ),
             select_client=f"SELECT tenant_id, sub, last_seq FROM clients WHERE client_id = {ph}",
             insert_client=insert("clients", ("client_id", "tenant_id", "sub", "last_seq")),
             update_client=f"UPDATE clients SET last_seq = {ph} WHERE client_id = {ph}",

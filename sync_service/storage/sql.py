@@ -6,12 +6,12 @@ so readers are never blocked) and holds the whole database: concurrent
 writers wait instead of failing or interleaving. On PostgreSQL, where several
 service instances write at once, a write transaction is optimistic (it reads
 and decides without a lock and its write checks that nothing it read has
-changed, see storage.transactions.PgWriteTx) or exclusive (the feed lock from the start). Either
-way the feed lock, an advisory lock held from handing out the next feed
+changed, see storage/postgres.py) or exclusive (the feed lock from the start).
+Either way the feed lock, an advisory lock held from handing out the next feed
 positions to the commit, means transactions commit in feed order, so a
 reader asking for `feed_seq > cursor` never skips a late committer. On
 PostgreSQL a write that moves the feed also sends a NOTIFY so other
-instances' Subscribe streams wake at once (storage/pg_notify.py).
+instances' Subscribe streams wake at once.
 
 The outbox is shared by the relays of every instance: a fetch claims its rows
 for a lease (FOR UPDATE SKIP LOCKED on PostgreSQL), so no two relays send the
@@ -20,20 +20,23 @@ same event at once and a crashed relay's claims expire.
 Queries are set-based: one read of all the records of a batch (per
 collection), one of their history, and bulk writes (executemany on SQLite,
 COPY on PostgreSQL).
+
+Each engine's differences are its `Engine`'s (storage/sqlite.py,
+storage/postgres.py); nothing in this file names an engine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import BigInteger, and_, cast, extract, func, literal, or_, select
+from sqlalchemy import and_, func, or_, select
 
 from fieldsync.db import chunks, normalize_url, open_engines, upgrade_schema
 from fieldsync.values import loads_fields
@@ -46,8 +49,9 @@ from sync_service.storage.base import (
     StoredRecord,
 )
 from sync_service.storage.cache import RecordCache
+from sync_service.storage.engine import ChangeListener, Engine
+from sync_service.storage.postgres import POSTGRES
 from sync_service.storage.rows import (
-    PG_FEED_LOCK,
     Statements,
     conflict_from_row,
     fetch,
@@ -55,12 +59,14 @@ from sync_service.storage.rows import (
     load_conflicts,
     load_records,
 )
+from sync_service.storage.sqlite import SQLITE
 from sync_service.storage.tables import conflicts, outbox, records
-from sync_service.storage.transactions import PgWriteTx, SqlWriteTx
+from sync_service.storage.transactions import SqlWriteTx
 
 log = logging.getLogger("fieldsync.storage")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+ENGINES: dict[str, Engine] = {e.name: e for e in (SQLITE, POSTGRES)}
 
 
 class SqlStorage:
@@ -85,6 +91,18 @@ class SqlStorage:
             url, sqlite_synchronous=sqlite_synchronous, pool_size=pool_size
         )
         self._statements = Statements.for_paramstyle(self._write.dialect.paramstyle)
+        self._engine: Engine = ENGINES[self.dialect]
+
+    @property
+    def combine_writes(self) -> bool:
+        """Whether the service should apply the writes that wait in one transaction."""
+        return self._engine.combine_writes
+
+    def change_listener(
+        self, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]
+    ) -> ChangeListener | None:
+        """What calls `wake` on `loop` when another instance commits (None: none can)."""
+        return self._engine.change_listener(self.url, loop, wake)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -97,8 +115,7 @@ class SqlStorage:
         advisory write lock.
         """
         with self._write.begin() as conn:
-            if self.dialect == "postgresql":
-                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_FEED_LOCK})")
+            self._engine.lock_for_migration(conn)
             upgrade_schema(conn, MIGRATIONS)
 
     def close(self) -> None:
@@ -112,11 +129,7 @@ class SqlStorage:
     def write_transaction(self, *, exclusive: bool = False) -> Iterator[SqlWriteTx]:
         try:
             with self._write.begin() as conn:
-                tx = (
-                    PgWriteTx(conn, self._statements, self._cache, exclusive=exclusive)
-                    if self.dialect == "postgresql"
-                    else SqlWriteTx(conn, self._statements, self._cache)
-                )
+                tx = self._engine.begin(conn, self._statements, self._cache, exclusive=exclusive)
                 yield tx
             tx.committed()
         except BaseException:
@@ -214,9 +227,7 @@ class SqlStorage:
         back to it at once (it retries a batch the audit service did not take).
         """
         o = outbox.c
-        pg = self.dialect == "postgresql"
-        # The database's clock on PostgreSQL, so instances' clocks need not agree.
-        now: Any = _pg_now_ns() if pg else literal(time.time_ns(), BigInteger)
+        now = self._engine.now_ns()
         claimable = and_(
             o.attempts < max_attempts,
             or_(o.claimed_until.is_(None), o.claimed_until < now, o.claimed_by == self._owner),
@@ -256,8 +267,3 @@ class SqlStorage:
                     .where(outbox.c.event_id.in_(chunk))
                     .values(attempts=outbox.c.attempts + 1, claimed_by=None, claimed_until=None)
                 )
-
-
-def _pg_now_ns() -> Any:
-    """PostgreSQL's current time in nanoseconds since the epoch (the outbox's time unit)."""
-    return cast(extract("epoch", func.clock_timestamp()) * 1_000_000_000, BigInteger)

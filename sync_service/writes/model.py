@@ -1,7 +1,7 @@
 """The sync service's requests and results as domain objects (no protobuf).
 
-The servicer converts wire messages to these (sync_service.convert) and the
-applier (sync_service.apply) works only with them.
+The servicer converts wire messages to these (sync_service.api.convert); the
+scheduler, applier and batch run (sync_service.writes) work only with them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from enum import IntEnum
 
 from fieldsync.errors import FieldSyncError
 from fieldsync.values import Fields
-from sync_service.decode import Repair
+from sync_service.rules.decode import Repair
 from sync_service.storage.base import StoredConflict, StoredRecord
 
 

@@ -1,8 +1,8 @@
 """The merge decision: base, yours, theirs -> what a mutation does to a record.
 
 A pure function of plain values (SPEC §3): no gRPC, no SQL, no clock. The
-applier (sync_service.apply) loads the record and the changes committed since
-the mutation's base, calls `decide`, and stores what it returns.
+batch run (sync_service.writes.batch_run) loads the record and the changes
+committed since the mutation's base, calls `decide`, and stores what it returns.
 
 Existence is modelled as one more field, `DELETED` ("_deleted"): a record that
 never existed is deleted at version 0, a create moves it to False, a DELETE
@@ -30,8 +30,8 @@ from enum import IntEnum
 from typing import Protocol
 
 from fieldsync.values import Fields, FieldValue, same
-from sync_service.schema import Policy
-from sync_service.textmerge import merge_text
+from sync_service.rules.schema import Policy
+from sync_service.rules.textmerge import merge_text
 
 DELETED = "_deleted"
 """The pseudo-field for a record's existence; schema field names cannot start with '_'."""

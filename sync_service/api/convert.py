@@ -1,13 +1,25 @@
-"""Wire messages <-> the sync service's domain objects. No logic beyond the mapping."""
+"""Wire messages <-> the sync service's domain objects, and the page tokens.
+
+Mutations and batches from the wire; outcomes, records and conflicts to it;
+a batch's outcomes as the answer message an RPC sends (`batch_answers`); the
+opaque ListConflicts page token. No logic beyond the mapping.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from fieldsync.errors import InvalidArgument, Reason
 from fieldsync.v1 import common_pb2, sync_pb2
 from fieldsync.values import fields_from_proto, fields_to_proto, to_proto
-from sync_service.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome, Status
 from sync_service.storage.base import FeedRecord, StoredConflict, StoredRecord
+from sync_service.writes.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome, Status
 
 
 def mutation_from_proto(pm: sync_pb2.Mutation) -> MutationIn:
@@ -105,3 +117,48 @@ def batch_outcome_to_proto(
     for o in bo.results:
         outcome_to_proto(o, add(), compact=compact)
     return out
+
+
+Answer = TypeVar("Answer", sync_pb2.ApplyBatchResponse, sync_pb2.SyncResponse)
+
+
+def batch_answers(
+    outcomes: list[BatchOutcome], answer: Callable[[], Answer], compact: bool = False
+) -> list[Answer]:
+    """One answer message (ApplyBatchResponse or SyncResponse) per batch outcome;
+    `compact` as outcome_to_proto takes it (SyncHello.compact_results)."""
+    out = []
+    for o in outcomes:
+        msg = answer()
+        batch_outcome_to_proto(o, msg.result, compact=compact)
+        out.append(msg)
+    return out
+
+
+def records_to_proto(records: Iterable[StoredRecord | FeedRecord]) -> list[common_pb2.Record]:
+    out = []
+    for rec in records:
+        pr = common_pb2.Record()
+        record_to_proto(rec, pr)
+        out.append(pr)
+    return out
+
+
+def encode_page_token(after: tuple[int, str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(after)).encode()).decode()
+
+
+def decode_page_token(token: str) -> tuple[int, str] | None:
+    if not token:
+        return None
+    try:
+        at, cid = json.loads(base64.urlsafe_b64decode(token.encode()))
+        if not isinstance(at, int) or not isinstance(cid, str):
+            raise ValueError(token)
+        return at, cid
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidArgument(
+            Reason.INVALID_PAGE_TOKEN,
+            "the page token was not issued by this server; start the listing again",
+            violations=[("page_token", "not issued by this server")],
+        ) from None
