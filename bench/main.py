@@ -45,9 +45,15 @@ Group = Callable[[Ctx], dict[str, Figures]]
 GROUPS: dict[str, tuple[Group, tuple[str, ...]]] = {
     "reconnect": (
         reconnect.run,
-        ("reconnect_sqlite", "storage_floor", "transport_floor", "reconnect_sqlite_metrics"),
+        (
+            "reconnect_sqlite",
+            "storage_floor",
+            "transport_floor",
+            "reconnect_sqlite_metrics",
+            "reconnect_conflicts",
+        ),
     ),
-    "online": (online.run, ("latency", "latency_metrics", "concurrent")),
+    "online": (online.run, ("latency", "latency_metrics", "latency_floor", "concurrent")),
     "store_size": (lambda ctx: {"store_size": store.store_size(ctx)}, ("store_size",)),
     "memory": (lambda ctx: {"memory": store.memory(ctx)}, ("memory",)),
     "pull": (lambda ctx: {"pull": store.pull(ctx)}, ("pull",)),

@@ -22,7 +22,7 @@ from fieldsync.values import InvalidValue, fields_from_proto, fields_to_proto, t
 from sync_service.rules.limits import mutation_problem
 from sync_service.rules.textedits import MAX_TEXT_OPS
 from sync_service.storage.base import FeedRecord, StoredConflict, StoredRecord
-from sync_service.writes.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome
+from sync_service.writes.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome, Status
 
 
 def mutation_from_proto(pm: sync_pb2.Mutation) -> MutationIn:
@@ -98,12 +98,15 @@ def batch_from_proto(pb: sync_pb2.MutationBatch) -> BatchIn:
     )
 
 
-def record_to_proto(rec: StoredRecord | FeedRecord, out: common_pb2.Record) -> None:
+def record_to_proto(
+    rec: StoredRecord | FeedRecord, out: common_pb2.Record, *, with_fields: bool = True
+) -> None:
     out.collection = rec.collection
     out.record_id = rec.record_id
     out.version = rec.version
     out.deleted = rec.deleted
-    fields_to_proto(rec.fields, out.fields)
+    if with_fields:
+        fields_to_proto(rec.fields, out.fields)
     ts = out.updated_at
     ts.seconds, ts.nanos = divmod(rec.updated_at, 1_000_000_000)
     out.updated_by = rec.updated_by
@@ -127,12 +130,17 @@ def conflict_to_proto(c: StoredConflict, out: sync_pb2.Conflict) -> None:
     out.resolved = c.resolved
 
 
-def outcome_to_proto(o: MutationOutcome, out: sync_pb2.MutationResult) -> None:
+def outcome_to_proto(
+    o: MutationOutcome, out: sync_pb2.MutationResult, *, compact: bool = False
+) -> None:
+    """`compact` (SyncHello.compact_results): an APPLIED result without warnings carries
+    its record without the fields (they are the client's base plus its own writes)."""
     out.mutation_id = o.mutation_id
     out.client_seq = o.client_seq
     out.status = int(o.status)  # type: ignore[assignment]
     if o.record is not None and o.record.version:
-        record_to_proto(o.record, out.record)
+        with_fields = not (compact and o.status is Status.APPLIED and not o.warnings)
+        record_to_proto(o.record, out.record, with_fields=with_fields)
     if o.conflict is not None:
         conflict_to_proto(o.conflict, out.conflict)
     for w in o.warnings:
@@ -146,27 +154,31 @@ def outcome_to_proto(o: MutationOutcome, out: sync_pb2.MutationResult) -> None:
 
 
 def batch_outcome_to_proto(
-    bo: BatchOutcome, out: sync_pb2.BatchResult | None = None
+    bo: BatchOutcome, out: sync_pb2.BatchResult | None = None, *, compact: bool = False
 ) -> sync_pb2.BatchResult:
-    """Fill `out` (the result field of a response, so nothing is copied) or a new one."""
+    """Fill `out` (the result field of a response, so nothing is copied) or a new one;
+    `compact` as outcome_to_proto takes it."""
     if out is None:
         out = sync_pb2.BatchResult()
     out.last_applied_seq = bo.last_applied_seq
     add = out.results.add
     for o in bo.results:
-        outcome_to_proto(o, add())
+        outcome_to_proto(o, add(), compact=compact)
     return out
 
 
 Answer = TypeVar("Answer", sync_pb2.ApplyBatchResponse, sync_pb2.SyncResponse)
 
 
-def batch_answers(outcomes: list[BatchOutcome], answer: Callable[[], Answer]) -> list[Answer]:
-    """One answer message (ApplyBatchResponse or SyncResponse) per batch outcome."""
+def batch_answers(
+    outcomes: list[BatchOutcome], answer: Callable[[], Answer], compact: bool = False
+) -> list[Answer]:
+    """One answer message (ApplyBatchResponse or SyncResponse) per batch outcome;
+    `compact` as outcome_to_proto takes it (SyncHello.compact_results)."""
     out = []
     for o in outcomes:
         msg = answer()
-        batch_outcome_to_proto(o, msg.result)
+        batch_outcome_to_proto(o, msg.result, compact=compact)
         out.append(msg)
     return out
 

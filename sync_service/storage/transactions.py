@@ -217,7 +217,7 @@ class SqlWriteTx(_Reads):
                         row[0] = found[(h.tenant_id, h.collection, h.record_id)]
             self._insert(cur, "record_history", rows)
         if batch.conflicts:
-            conn.execute(conflicts.insert(), [conflict_row(c) for c in batch.conflicts])
+            self._insert(cur, "conflicts", [conflict_row(c) for c in batch.conflicts])
         if batch.resolutions:
             c = conflicts.c
             conn.execute(

@@ -19,7 +19,6 @@ No retry, combining or commit here; no SQL (storage/ has that).
 
 from __future__ import annotations
 
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -50,7 +49,7 @@ from sync_service.storage.base import (
     StoredResult,
     WriteTx,
 )
-from sync_service.writes.audit_events import MutationEvents
+from sync_service.writes.audit_events import MutationEvents, new_id
 from sync_service.writes.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome, Status
 from sync_service.writes.results import replayed_outcome, result_payload
 from sync_service.writes.text_inputs import TextPoints, text_inputs
@@ -409,7 +408,7 @@ class BatchRun:
     def _stage_conflict(self, m: MutationIn, rec: StoredRecord, d: Decision) -> StoredConflict:
         assert d.conflict_kind is not None
         conflict = StoredConflict(
-            conflict_id=uuid.uuid4().hex,
+            conflict_id=new_id(),
             tenant_id=self.tenant,
             collection=m.collection,
             record_id=m.record_id,
