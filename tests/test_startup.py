@@ -65,12 +65,12 @@ class Issuer:
             )
         )
 
-    def token(self, *, sub: str, tenant: str, roles: list[str]) -> str:
+    def token(self, *, sub: str, tenant: str, roles: list[str], aud: str = "fieldsync") -> str:
         claims = {
             "sub": sub,
             "tenant_id": tenant,
             "roles": roles,
-            "aud": "fieldsync",
+            "aud": aud,
             "exp": int(time.time()) + 3600,
         }
         return jwt.encode(claims, self._key, algorithm="ES256")
@@ -185,7 +185,13 @@ def test_a_service_token_with_the_documented_claims_delivers_the_audit(
 ) -> None:
     token_file = tmp_path / "service-token"
     token_file.write_text(
-        issuer.token(sub="fieldsync-sync", tenant="_service", roles=["fieldsync:service"])
+        # A service token: the service audience, which RecordEvents requires (issue 21).
+        issuer.token(
+            sub="fieldsync-sync",
+            tenant="_service",
+            roles=["fieldsync:service"],
+            aud="fieldsync-service",
+        )
     )
     proc = start_sync_service(
         f"sqlite:///{tmp_path / 'sync.db'}",
