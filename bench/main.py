@@ -8,7 +8,8 @@ Environment:
   (default postgresql://postgres@127.0.0.1:5432/test); unreachable means
   those scenarios are skipped, with a note saying why.
 - `BENCH_ONLY=group,group`: run only these groups (reconnect, online, text,
-  store_size, memory, pull, audit, postgres, clients), for working on the harness.
+  store_size, memory, pull, audit, postgres, pg_tenants, clients), for working on the
+  harness.
 - `BENCH_KEEP=1`: keep the work folder (databases, service logs); it is kept
   anyway when a group fails.
 
@@ -33,7 +34,7 @@ from typing import Any
 
 from bench import pg, procs, report
 from bench.context import Ctx, Sizes
-from bench.scenarios import audit, clients, online, postgres, reconnect, store, text
+from bench.scenarios import audit, clients, online, pg_tenants, postgres, reconnect, store, text
 from bench.stats import Figures
 
 # Seconds after which no further repetition starts (the limits are 15 and 2 minutes).
@@ -44,16 +45,23 @@ Group = Callable[[Ctx], dict[str, Figures]]
 GROUPS: dict[str, tuple[Group, tuple[str, ...]]] = {
     "reconnect": (
         reconnect.run,
-        ("reconnect_sqlite", "storage_floor", "transport_floor", "reconnect_sqlite_metrics"),
+        (
+            "reconnect_sqlite",
+            "storage_floor",
+            "transport_floor",
+            "reconnect_sqlite_metrics",
+            "reconnect_conflicts",
+        ),
     ),
-    "online": (online.run, ("latency", "latency_metrics", "concurrent")),
+    "online": (online.run, ("latency", "latency_metrics", "latency_floor", "concurrent")),
     "store_size": (lambda ctx: {"store_size": store.store_size(ctx)}, ("store_size",)),
     "memory": (lambda ctx: {"memory": store.memory(ctx)}, ("memory",)),
     "pull": (lambda ctx: {"pull": store.pull(ctx)}, ("pull",)),
     "audit": (audit.run, ("audit_relay",)),
-    "text": (text.run, ("text_merge",)),
+    "text": (text.run, ("text_merge", "text_edits_100kb", "text_edits_1mb")),
     "postgres": (postgres.run, ("reconnect_pg", "concurrent_pg")),
     "clients": (clients.run, ("client_sync_ts",)),
+    "pg_tenants": (pg_tenants.run, ("reconnect_pg_tenants",)),
 }
 
 

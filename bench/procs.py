@@ -5,7 +5,8 @@ given environment, its output in a log file, and returns once it answers
 (the standard health check for the services, a ready channel for the floor
 server). `Proc.stop` sends SIGTERM, waits a bounded time, then SIGKILLs; the
 scenarios call it in a `finally`, and `running` wraps that as a context
-manager. `vm_hwm_kib` reads a process's peak resident memory from /proc.
+manager. `vm_hwm_kib` reads a process's peak resident memory from /proc,
+`cpu_seconds` its CPU time.
 Nothing here knows about FieldSync's data.
 """
 
@@ -219,13 +220,18 @@ def vm_hwm_kib(pid: int) -> int:
     return _status_kib(pid, "VmHWM")
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) the process has used so far: a cost that other load on
-    the machine does not inflate the way it does wall time."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def vm_rss_kib(pid: int) -> int:
     return _status_kib(pid, "VmRSS")
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """The process's CPU time so far, user + system, all its threads (seconds; the
+    resolution is a clock tick, 10 ms here)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        # The command name (field 2) may hold spaces: count from the ")" after it.
+        rest = f.read().rsplit(")", 1)[1].split()
+    utime, stime = int(rest[11]), int(rest[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / _CLOCK_TICKS

@@ -59,8 +59,10 @@ and the start fails unless `FIELDSYNC_SERVICE_TOKEN_FILE` names a token (or
 is a JWT your issuer signs with the claims `sub` and `tenant_id` (any
 non-empty strings: the relay speaks for every tenant, and each event carries
 its own), `roles` holding `fieldsync:service`, `aud` (the audit service's
-`FIELDSYNC_JWT_AUDIENCE`, default `fieldsync`), `iss` when the audit service
-sets `FIELDSYNC_JWT_ISSUER`, and `exp`. The file is re-read whenever it
+`FIELDSYNC_SERVICE_AUDIENCE`, default `fieldsync-service`: `RecordEvents`
+refuses user tokens), `iss` when the audit service sets
+`FIELDSYNC_JWT_ISSUER`, and a whole-number `exp` within
+`FIELDSYNC_JWT_MAX_LIFETIME_SECONDS`. The file is re-read whenever it
 changes: replace it before the token expires.
 """
 

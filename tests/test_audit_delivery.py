@@ -275,3 +275,36 @@ def _killed_three_times(tmp_path: Path, audit_addr: str, sync: SyncEnv) -> None:
     finally:
         auditor.close()
         storage.close()
+
+
+def test_a_text_overlap_and_rejected_text_edits_are_audited_with_the_texts_and_operations(
+    audit: SyncProcess, sync: SyncEnv
+) -> None:
+    from fieldsync.textops import Retain
+    from fieldsync.values import Json
+    from tests.test_text_fields import with_edits
+
+    a, b = sync.client(sub="a"), sync.client(sub="b")
+    a.one("n", {"title": "t", "notes": "Call the quick courier"}, op=PUT)
+    a.one("n", {"notes": "Call the slow courier"}, base=1)
+    r = b.one("n", {"notes": "Call the fast courier"}, base=1)
+    assert list(r.text_overlaps) == ["notes"]
+    (bad,) = b.apply(with_edits(b.mut("n", base=1), "notes", [Retain(999)])).results
+    assert bad.status == S.MUTATION_STATUS_REJECTED
+    auditor = Auditor(audit.address)
+    try:
+        kinds = (K.AUDIT_EVENT_KIND_TEXT_OVERLAP_MERGED, K.AUDIT_EVENT_KIND_MUTATION_REJECTED)
+        _wait_for("the events", lambda: len(auditor.events(*kinds)) == 2)
+        (overlap,) = auditor.events(K.AUDIT_EVENT_KIND_TEXT_OVERLAP_MERGED)
+        assert (overlap.field, overlap.mutation_id) == ("notes", r.mutation_id)
+        assert {k: from_proto(v) for k, v in overlap.details.items()} == {
+            "base": "Call the quick courier",
+            "yours": "Call the fast courier",
+            "theirs": "Call the slow courier",
+            "merged": "Call the slowfast courier",
+        }
+        (rejected,) = auditor.events(K.AUDIT_EVENT_KIND_MUTATION_REJECTED)
+        assert rejected.code == "TEXT_EDITS_INVALID"
+        assert from_proto(rejected.details["text_edits.notes"]) == Json('[{"retain":999}]')
+    finally:
+        auditor.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -212,8 +212,8 @@ class FailingFor(SqlStorage):
         self.doomed = doomed
         self.error = error
 
-    def write_transaction(self, *, exclusive: bool = False) -> Any:
-        inner = super().write_transaction(exclusive=exclusive)
+    def write_transaction(self, *, exclusive: bool = False, tenants: Sequence[str] = ()) -> Any:
+        inner = super().write_transaction(exclusive=exclusive, tenants=tenants)
 
         @contextmanager
         def wrapped() -> Iterator[SqlWriteTx]:

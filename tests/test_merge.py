@@ -16,7 +16,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from fieldsync.values import FieldValue, same
+from fieldsync.textops import Delete, Insert, Retain, TextOp, normalize
+from fieldsync.values import FieldValue, Json, same
 from sync_service.rules.merge import (
     DELETED,
     Change,
@@ -28,9 +29,11 @@ from sync_service.rules.merge import (
     Outcome,
     Overwrite,
     RecordState,
+    TextOverlap,
     decide,
 )
 from sync_service.rules.schema import Policy
+from sync_service.rules.textfields import SENT, TextEditsInvalid
 
 ME = "me"
 OTHERS = ("ann", "bob", "cy")
@@ -230,16 +233,103 @@ def test_a_text_field_edited_on_both_sides_merges_character_by_character() -> No
     assert d == expect(Outcome.MERGED, {"title": "mine, draft, bob"})
 
 
-def test_overlapping_text_edits_are_a_conflict_with_all_three_texts() -> None:
+def test_overlapping_text_edits_merge_and_the_overlap_is_reported() -> None:
     log = task(title="The quick fox")
     log.write("bob", {"title": "The slow fox"})
-    d = run(log, {"title": "The fast fox"}, base=1, policies={"title": TEXT})
-    assert d == expect(
-        Outcome.CONFLICT,
-        {},
-        conflict_kind=ConflictKind.FIELDS,
-        collisions=[FieldCollision("title", "The quick fox", "The fast fox", "The slow fox")],
+    d = decide_text(log, {"title": "The fast fox"}, base=1)
+    assert (d.outcome, d.updates, d.collisions) == (
+        Outcome.MERGED,
+        {"title": "The slowfast fox"},
+        (),
     )
+    assert d.text_overlaps == [
+        TextOverlap("title", "The quick fox", "The fast fox", "The slow fox", "The slowfast fox")
+    ]
+    assert d.history_notes[SENT + "title"] == "The fast fox"
+
+
+def decide_text(
+    log: Log,
+    writes: Mapping[str, FieldValue],
+    *,
+    base: int,
+    text_edits: Mapping[str, Sequence[TextOp]] | None = None,
+    base_texts: Mapping[str, FieldValue] | None = None,
+    client: str = ME,
+    floor: int = 0,
+) -> Decision:
+    return decide(
+        Op.PATCH,
+        writes,
+        state=log.state(floor),
+        base_version=base,
+        client_id=client,
+        changes=log.changes(base, floor),
+        policies={"title": TEXT},
+        text_edits=text_edits,
+        base_texts=base_texts,
+    )
+
+
+def commit(log: Log, client: str, d: Decision) -> None:
+    """What the applier stores: the updates, and the client's own text beside a merge."""
+    if not d.updates:
+        return
+    deleted, fields = log.snapshots[-1]
+    old: dict[str, FieldValue] = {n: fields.get(n) for n in d.updates}
+    old.update({k: v for k, v in d.history_notes.items() if k.split(":", 1)[1] in d.updates})
+    log._commit(client, old, deleted, {**fields, **d.updates})
+
+
+def test_text_edits_apply_to_the_base_and_merge_with_another_writers_edit() -> None:
+    log = task(title="The quick fox")
+    log.write("bob", {"title": "The quick fox jumps"})
+    ops: list[TextOp] = [Retain(4), Insert("very "), Retain(9)]
+    d = decide_text(log, {}, base=1, text_edits={"title": ops})
+    assert (d.outcome, d.updates) == (Outcome.MERGED, {"title": "The very quick fox jumps"})
+    assert d.text_overlaps == []
+
+
+def test_text_edits_on_base_fields_apply_to_that_text() -> None:
+    log = task(title="abc")
+    d = decide_text(
+        log, {}, base=1, text_edits={"title": [Retain(1), Delete(1)]}, base_texts={"title": "xy"}
+    )
+    assert d.updates == {"title": "x"}
+
+
+def test_a_queue_of_text_edits_on_one_base_applies_as_typed_between_other_writers() -> None:
+    """Each queued edit applies to the text the client had after its previous one, even
+    when the server merged that one with another writer's edits."""
+    log = task(title="hello")
+    mine = "hello"
+    for i, (pos, word) in enumerate([(5, " world"), (0, "Oh, "), (4, "my ")]):
+        ops = normalize([Retain(pos), Insert(word), Retain(len(mine) - pos)])
+        mine = mine[:pos] + word + mine[pos:]
+        d = decide_text(log, {}, base=1, text_edits={"title": ops})
+        assert d.collisions == ()
+        commit(log, ME, d)
+        log.write("bob", {"title": str(log.value("title")) + f" [{i}]"})
+    assert log.value("title") == "Oh, my hello world [0] [1] [2]"
+
+
+def test_text_edits_that_do_not_cover_the_text_are_invalid() -> None:
+    log = task(title="abc")
+    with pytest.raises(TextEditsInvalid, match="past the end"):
+        decide_text(log, {}, base=1, text_edits={"title": [Retain(4)]})
+    with pytest.raises(TextEditsInvalid, match="no operations"):
+        decide_text(log, {}, base=1, text_edits={"title": []})
+
+
+def test_text_edits_after_pruned_history_are_a_conflict_keeping_the_operations() -> None:
+    log = task(title="abc")
+    log.write("bob", {"title": "abcd"})
+    ops: list[TextOp] = [Insert("X"), Retain(3)]
+    d = decide_text(log, {}, base=1, floor=2, text_edits={"title": ops})
+    assert d.outcome is Outcome.CONFLICT
+    (c,) = d.collisions
+    assert c.yours == Json('[{"insert":"X"},{"retain":3}]')
+    assert c.theirs == "abcd"
 
 
 def test_text_after_pruned_history_is_a_conflict_not_a_guess() -> None:

@@ -126,3 +126,77 @@ def test_0003_files_history_under_record_keys_and_keeps_the_feed(storage_url: st
             assert change == Change(2, "c", "m4", {"title": "x"})
     finally:
         st.close()
+
+
+def _rows(url: str, sql: str) -> list[tuple[object, ...]]:
+    engine = create_engine(normalize_url(url), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql))]
+    finally:
+        engine.dispose()
+
+
+def test_0005_per_tenant_feed_heads_go_on_past_every_cursor_issued_before(
+    storage_url: str,
+) -> None:
+    """Release 0003 handed out positions from one global head (20 here). After 0005 each
+    tenant's next position is past it, so a cursor issued before (at most the head)
+    still sees every later change; record keys go on past the last one; and a
+    downgrade gives the old release a head past every position."""
+    _at_revision(storage_url, "0003")
+    record = (
+        "INSERT INTO records (tenant_id, collection, record_id, version, deleted, fields,"
+        " field_versions, history_floor, updated_at, updated_by, feed_seq, record_key,"
+        " last_client_id, others_version) VALUES"
+        " (:t, 'tasks', :rid, 1, false, '{}', '{}', 0, 1, 'ann', :seq, :key, '', 0)"
+    )
+    _execute(
+        storage_url,
+        record,
+        [
+            {"t": T, "rid": "r1", "seq": 5, "key": 3},
+            {"t": T, "rid": "r2", "seq": 12, "key": 7},
+            {"t": "other", "rid": "r1", "seq": 20, "key": 20},
+        ],
+    )
+    _execute(storage_url, "UPDATE sync_state SET feed_head = 20, record_keys = 20", [{}])
+    cursor = 12  # T's head when its client last pulled
+    st = SqlStorage(storage_url, sqlite_synchronous="NORMAL")
+    try:
+        st.migrate()
+        for tenant, rid in ((T, "r3"), ("fresh", "f1"), ("other", "r2")):
+            with st.write_transaction() as tx:
+                tx.load_records(tenant, "tasks", [rid])
+                new = StoredRecord(tenant, "tasks", rid, 1, False, {}, {}, 0, 2, "ann")
+                tx.write(BatchWrite(records=[new]))
+        (r3,) = st.pull(T, cursor, [], 10)
+        assert r3.record_id == "r3" and r3.feed_seq > 20
+        assert [r.record_id for r in st.pull("other", 20, [], 10)] == ["r2"]
+        keys = [r.key for r in st.get_records(T, "tasks", ["r1", "r2", "r3"])]
+        assert keys[:2] == [3, 7] and keys[2] > 20
+        (f1,) = st.get_records("fresh", "tasks", ["f1"])
+        assert f1.key > 20 and f1.key != keys[2]
+    finally:
+        st.close()
+    if storage_url.startswith("postgresql"):
+        heads = {
+            t: h for t, h in _rows(storage_url, "SELECT tenant_id, feed_head FROM tenant_feed")
+        }
+        assert heads == {T: 21, "other": 21, "fresh": 1}
+        _at_revision_down(storage_url, "0003")
+        ((head, keys_after),) = _rows(storage_url, "SELECT feed_head, record_keys FROM sync_state")
+        ((last_key,),) = _rows(storage_url, "SELECT max(record_key) FROM records")
+        assert (head, keys_after) == (21, last_key)
+
+
+def _at_revision_down(url: str, revision: str) -> None:
+    engine = create_engine(normalize_url(url), poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            cfg = Config()
+            cfg.set_main_option("script_location", str(MIGRATIONS))
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, revision)
+    finally:
+        engine.dispose()

@@ -47,7 +47,6 @@ from fieldsync.values import FieldValue, decode_fields, from_proto
 from sync_service.feed import decode_cursor
 from sync_service.storage.base import BatchWrite, OutboxEvent
 from sync_service.storage.postgres import FEED_CHANNEL, LISTENER_APPLICATION_NAME, libpq_url
-from sync_service.storage.rows import PG_FEED_LOCK
 from sync_service.storage.sql import SqlStorage
 from tests.pg import PG_SKIP_REASON, fresh_pg_database, pg_server_url
 from tests.proc import SyncProcess, free_port, start_audit_service, start_sync_service
@@ -570,18 +569,20 @@ def test_one_mutation_sent_to_two_instances_at_once_applies_once(cluster: Cluste
 def test_a_write_held_open_does_not_make_pull_skip_a_later_commit(cluster: Cluster) -> None:
     """Why no Pull can skip a change, whatever the commit order (SPEC §6):
 
-    every write transaction takes one advisory lock first and only then reads
-    the feed head (sync_state) and hands out the next positions; PostgreSQL releases the
-    lock only after the commit is visible. So a transaction holding position
-    p commits before any transaction can even be given p+1: feed positions
-    become visible in order, and a reader that sees position p+1 sees p and
-    everything below. A cursor therefore never passes a position that commits
-    later. Here a raw transaction takes a position and holds it open, two
-    instances' writes queue behind it, and a follower pulls all along.
+    every write transaction locks its tenant's feed row (`tenant_feed`, by the
+    UPDATE that hands out the tenant's next positions) and PostgreSQL releases
+    the row only after the commit is visible. So a transaction holding
+    position p of a tenant commits before any transaction of that tenant can
+    even be given p+1: the tenant's positions become visible in order, and a
+    reader that sees position p+1 sees p and everything below. A cursor (one
+    tenant's) therefore never passes a position that commits later. Here a
+    raw transaction takes a position and holds it open; three instances'
+    writes of the same tenant queue behind it, while another tenant's writes
+    commit meanwhile; a follower pulls all along.
 
-    Meanwhile a crowd of writes queues on instance D too; its reads must still
-    answer at once (writes waiting for the lock must not take every worker
-    thread of the instance: servicer.MAX_WRITES_IN_FLIGHT).
+    A crowd of the tenant's writes queues on instance D too; its reads must
+    still answer at once (writes waiting for the lock must not take every
+    worker thread of the instance: servicer.MAX_WRITES_IN_FLIGHT).
     """
     tenant = "held"
     metadata = md(token(tenant, "hal"))
@@ -619,16 +620,32 @@ def test_a_write_held_open_does_not_make_pull_skip_a_later_commit(cluster: Clust
             timeout=CALL_TIMEOUT,
         ).result
 
+    def crowd_of(stub: sync_pb2_grpc.SyncServiceStub, who: str, meta: Any) -> list[Any]:
+        return [
+            stub.ApplyBatch.future(
+                sync_pb2.ApplyBatchRequest(
+                    batch=sync_pb2.MutationBatch(
+                        client_id=f"{who}-{n}",
+                        schema_version=3,
+                        mutations=[mut(1, f"{who}{n}", {"title": "c"}, op=PUT)],
+                    )
+                ),
+                metadata=meta,
+                timeout=CALL_TIMEOUT,
+            )
+            for n in range(CROWD)
+        ]
+
     with ThreadPoolExecutor(3) as pool:
         follower = pool.submit(follow)
         writes: list[Future[sync_pb2.BatchResult]] = []
         try:
             with psycopg.connect(libpq_url(cluster.db_url)) as raw:
                 # A writer that took its feed position and has not committed.
-                raw.execute("SELECT pg_advisory_xact_lock(%s)", (PG_FEED_LOCK,))
                 row = raw.execute(
-                    "UPDATE sync_state SET feed_head = feed_head + 1 WHERE id = 1"
-                    " RETURNING feed_head"
+                    "UPDATE tenant_feed SET feed_head = feed_head + 1 WHERE tenant_id = %s"
+                    " RETURNING feed_head",
+                    (tenant,),
                 ).fetchone()
                 assert row is not None
                 held_at = row[0]
@@ -637,26 +654,18 @@ def test_a_write_held_open_does_not_make_pull_skip_a_later_commit(cluster: Clust
                     (held_at, tenant),
                 )
                 writes = [pool.submit(write, b, "w1"), pool.submit(write, c, "w2")]
-                crowd = [
-                    d.ApplyBatch.future(
-                        sync_pb2.ApplyBatchRequest(
-                            batch=sync_pb2.MutationBatch(
-                                client_id=f"crowd-{n}",
-                                schema_version=3,
-                                mutations=[mut(1, f"c{n}", {"title": "c"}, op=PUT)],
-                            )
-                        ),
-                        metadata=md(token("held-crowd", "carl")),
-                        timeout=CALL_TIMEOUT,
-                    )
-                    for n in range(CROWD)
-                ]
+                crowd = crowd_of(d, "c", metadata)
                 _wait_until(
-                    "the writes through B, C and D to wait for the lock",
+                    "the writes through B, C and D to wait for the tenant's row",
                     lambda: _lock_waiters(cluster) >= 4,
                 )
-                # Nothing committed after the cursor: a Pull returns nothing, and
-                # instance D answers reads while its writes wait.
+                # Another tenant's writes (through A) commit while the row is held.
+                others = crowd_of(a, "o", md(token("held-other", "olga")))
+                assert [
+                    f.result(timeout=CALL_TIMEOUT).result.results[0].status for f in others
+                ] == [S.MUTATION_STATUS_APPLIED] * CROWD
+                # Nothing of this tenant committed after the cursor: a Pull returns
+                # nothing, and instance D answers reads while its writes wait.
                 meanwhile, cursor = _pull_all(d, metadata, cursor0, timeout=READ_TIMEOUT)
                 assert meanwhile == [] and decode_cursor(cursor) == decode_cursor(cursor0)
                 assert (
@@ -669,6 +678,7 @@ def test_a_write_held_open_does_not_make_pull_skip_a_later_commit(cluster: Clust
                     .version
                     == 1
                 )
+                assert not any(w.done() for w in writes), "a write passed the held row"
                 raw.commit()
             results = [w.result(timeout=CALL_TIMEOUT) for w in writes]
             crowded = [f.result().result.results[0].status for f in crowd]
@@ -682,11 +692,12 @@ def test_a_write_held_open_does_not_make_pull_skip_a_later_commit(cluster: Clust
     ]
 
     after, _ = _pull_all(d, metadata, cursor0)
+    expected = {("held", 1), ("w1", 2), ("w2", 2)} | {(f"c{n}", 1) for n in range(CROWD)}
     assert [(r.record_id, r.version) for r in after][:1] == [("held", 1)]
-    assert sorted((r.record_id, r.version) for r in after) == [("held", 1), ("w1", 2), ("w2", 2)]
+    assert {(r.record_id, r.version) for r in after} == expected and len(after) == len(expected)
     positions = [p for p, _, _ in seen]
     assert positions == sorted(positions) and positions[0] == held_at, seen
-    assert {(rid, v) for _, rid, v in seen} == {("held", 1), ("w1", 2), ("w2", 2)}
+    assert {(rid, v) for _, rid, v in seen} == expected
 
 
 def _pull_all(
@@ -701,9 +712,10 @@ def _pull_all(
 
 
 def _lock_waiters(cluster: Cluster) -> int:
+    """Sessions of the database waiting for a lock (a tenant's feed row, here)."""
     ((n,),) = cluster.sql(
-        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
-        " WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database()"
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
     )
     return int(n)
 

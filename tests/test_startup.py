@@ -185,7 +185,7 @@ def test_a_service_token_with_the_documented_claims_delivers_the_audit(
 ) -> None:
     token_file = tmp_path / "service-token"
     token_file.write_text(
-        # The documented claims (docs/configuration.md): the service audience, the service role.
+        # A service token: the service audience, which RecordEvents requires (issue 21).
         issuer.token(
             sub="fieldsync-sync",
             tenant="_service",

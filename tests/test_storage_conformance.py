@@ -750,7 +750,7 @@ def test_readers_see_committed_state_while_a_writer_holds_the_lock(storage: Stor
 def test_exclusive_writers_wait_for_each_other(storage: Storage) -> None:
     """Each writer reads, dawdles, then writes: with the lock taken up front none fails
     and none loses another's update. On SQLite this is BEGIN IMMEDIATE plus a busy
-    timeout; on PostgreSQL the advisory lock of an exclusive transaction."""
+    timeout; on PostgreSQL the tenant's feed row, locked by an exclusive transaction."""
     commit(storage, BatchWrite(records=[rec(T1, "tasks", "counter", version=1)]))
     writers = 3
     start = threading.Barrier(writers)
@@ -760,7 +760,7 @@ def test_exclusive_writers_wait_for_each_other(storage: Storage) -> None:
     def bump(n: int) -> None:
         try:
             start.wait()
-            with storage.write_transaction(exclusive=True) as tx:
+            with storage.write_transaction(exclusive=True, tenants=[T1]) as tx:
                 began = time.monotonic()
                 current = tx.load_records(T1, "tasks", ["counter"])["counter"]
                 time.sleep(0.1)  # hold the lock long enough for the others to queue
@@ -812,7 +812,7 @@ def test_a_write_by_another_instance_is_never_hidden_by_the_cache(storage_url: s
             assert a.dialect == "postgresql" and stale
         else:
             assert not stale  # it saw version 2, and wrote on it
-        with a.write_transaction(exclusive=True) as tx:
+        with a.write_transaction(exclusive=True, tenants=[T1]) as tx:
             seen = tx.load_records(T1, "tasks", ["r1", "r2"])
             assert (seen["r1"].version, seen["r2"].version) == (3 if not stale else 2, 1)
             tx.write(BatchWrite(records=[dataclasses.replace(seen["r2"], version=2)]))
@@ -873,7 +873,7 @@ def test_a_second_write_in_one_transaction_reads_the_first_and_passes_its_checks
     then (it changed them) and must not fail it. Its rewrite of a record the
     first also rewrote is the one that stays."""
     commit(storage, BatchWrite(records=[rec(T1, "tasks", "r1"), rec(T1, "tasks", "r2")]))
-    with storage.write_transaction(exclusive=exclusive) as tx:
+    with storage.write_transaction(exclusive=exclusive, tenants=[T1]) as tx:
         r1 = tx.load_records(T1, "tasks", ["r1"])["r1"]  # cached or read: version 1
         tx.write(
             BatchWrite(

@@ -1,4 +1,5 @@
-"""latency and concurrent: online clients calling ApplyBatch on the SQLite service.
+"""latency and concurrent: online clients calling ApplyBatch on the SQLite service;
+and latency_floor beside latency (bench.scenarios.floors).
 
 latency: one client, `ApplyBatch` calls of one mutation each, one after
 another (after a few untimed warm-up calls) -> p50 and p99 of the call time.
@@ -23,6 +24,7 @@ from pathlib import Path
 from bench import driver, procs, workload
 from bench.context import Ctx
 from bench.driver import ConcurrentClient, Tally
+from bench.scenarios import floors
 from bench.stats import Figures, percentile, summarize
 from fieldsync.v1 import sync_pb2
 
@@ -88,6 +90,7 @@ def run(ctx: Ctx) -> dict[str, Figures]:
     reqs = [workload.apply_batch_bytes("lat", [m]) for m in muts]
     latency_runs: list[Figures] = []
     metrics_runs: list[Figures] = []
+    floor_runs: list[Figures] = []
     concurrent_runs: list[Figures] = []
     for rep in ctx.repetitions("latency+concurrent"):
         folder = ctx.folder(f"latency-{rep}")
@@ -109,10 +112,22 @@ def run(ctx: Ctx) -> dict[str, Figures]:
         )
         latency_runs.append(plain)
         metrics_runs.append(with_metrics)
+        floor_runs.append(
+            floors.latency_floor(
+                ctx.folder(f"latency-floor-{rep}"), warm_reqs, reqs, cap=s.latency_cap
+            )
+        )
+        floor_p50 = floor_runs[-1]["p50_ms"]
+        plain["ratio_vs_floor"] = (
+            round(plain["p50_ms"] / floor_p50, 4)  # type: ignore[operator]
+            if isinstance(floor_p50, float) and floor_p50 > 0
+            else 0.0
+        )
         ctx.log(
             f"latency rep {rep + 1}/{ctx.reps}: p50 {plain['p50_ms']} ms, "
             f"p99 {plain['p99_ms']} ms over {plain['calls']} calls; with metrics "
-            f"p50 {with_metrics['p50_ms']} ms"
+            f"p50 {with_metrics['p50_ms']} ms; floor p50 {floor_p50} ms, "
+            f"p99 {floor_runs[-1]['p99_ms']} ms ({plain['ratio_vs_floor']} x)"
         )
 
         folder = ctx.folder(f"concurrent-{rep}")
@@ -127,6 +142,7 @@ def run(ctx: Ctx) -> dict[str, Figures]:
     return {
         "latency": summarize("ms (p50)", latency_runs),
         "latency_metrics": summarize("ms (p50)", metrics_runs),
+        "latency_floor": summarize("ms (p50)", floor_runs),
         "concurrent": summarize("mutations/s", concurrent_runs),
     }
 

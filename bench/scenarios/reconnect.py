@@ -1,4 +1,5 @@
-"""reconnect_sqlite, storage_floor and transport_floor: one offline queue, three ways.
+"""reconnect_sqlite, storage_floor and transport_floor: one offline queue, three ways;
+and reconnect_conflicts, the same client meeting desk edits everywhere.
 
 Each repetition builds nothing new: the queue (bench.workload.reconnect_workload)
 is serialized once, and in every repetition it goes
@@ -8,6 +9,8 @@ is serialized once, and in every repetition it goes
 - through the plain SQLAlchemy Core loop on a fresh SQLite file (storage_floor),
 - through `Sync` to the in-bench server that stores nothing (transport_floor),
 
+and the conflicting queue (bench.scenarios.conflicts) goes to a service of
+its own on a fresh file right after reconnect_sqlite (reconnect_conflicts),
 so each ratio compares two figures of the same repetition. The reconnect also
 runs a second time in each repetition with the Prometheus endpoint on
 (reconnect_sqlite_metrics, tracing off): its ratio to the run without metrics
@@ -23,6 +26,7 @@ from pathlib import Path
 from bench import driver, procs, storage_floor, workload
 from bench.context import Ctx
 from bench.driver import Tally
+from bench.scenarios import conflicts
 from bench.stats import Figures, summarize
 
 UNIT = "mutations/s"
@@ -50,9 +54,17 @@ class Prepared:
 
 
 def prepare(
-    mutations: int, records: int, batch: int, *, prefix: str = "t", name: str = "field"
+    mutations: int,
+    records: int,
+    batch: int,
+    *,
+    prefix: str = "t",
+    name: str = "field",
+    load: workload.ReconnectWorkload | None = None,
 ) -> Prepared:
-    load = workload.reconnect_workload(mutations, records, batch=batch, prefix=prefix)
+    """`load` (default: bench.workload.reconnect_workload of these sizes), serialized."""
+    if load is None:
+        load = workload.reconnect_workload(mutations, records, batch=batch, prefix=prefix)
     desk_id, client_id = f"{name}-desk", f"{name}-rep"
     return Prepared(
         load,
@@ -102,12 +114,15 @@ def tally_figures(t: Tally) -> Figures:
 def run(ctx: Ctx) -> dict[str, Figures]:
     s = ctx.sizes
     prep = prepare(s.reconnect_mutations, s.reconnect_records, s.batch)
+    stale = conflicts.conflict_workload(s.reconnect_mutations, s.reconnect_records, batch=s.batch)
+    conflict_prep = prepare(0, 0, 0, name="stale", load=stale)
     plain_setup = storage_floor.plain(prep.load.seed_batches + prep.load.desk_batches)
     plain_queue = storage_floor.plain(prep.load.queue_batches)
     service_runs: list[Figures] = []
     metrics_runs: list[Figures] = []
     floor_runs: list[Figures] = []
     transport_runs: list[Figures] = []
+    conflict_runs: list[Figures] = []
     for rep in ctx.repetitions("reconnect"):
         folder = ctx.folder(f"reconnect-{rep}")
         if rep % 2:
@@ -125,17 +140,23 @@ def run(ctx: Ctx) -> dict[str, Figures]:
             with_metrics["cpu_us_per_mutation"], svc["cpu_us_per_mutation"]
         )
         metrics_runs.append(with_metrics)
+        conflicted = _service_run(ctx, ctx.folder(f"reconnect-conflicts-{rep}"), conflict_prep)
         floor = _storage_floor_run(folder, prep, plain_setup, plain_queue, s.reconnect_cap)
         transport = _transport_run(folder, prep, s.reconnect_cap)
         svc["ratio_vs_storage_floor"] = _ratio(svc["value"], floor["value"])
         svc["ratio_vs_transport_floor"] = _ratio(svc["value"], transport["value"])
+        conflicted["ratio_vs_reconnect"] = _ratio(conflicted["value"], svc["value"])
         service_runs.append(svc)
         floor_runs.append(floor)
         transport_runs.append(transport)
+        conflict_runs.append(conflicted)
         ctx.log(
             f"reconnect rep {rep + 1}/{ctx.reps}: service {svc['value']:.0f}/s "
-            f"({svc['mutations']} in {svc['seconds']:.1f}s), storage floor {floor['value']:.0f}/s, "
-            f"transport floor {transport['value']:.0f}/s, "
+            f"({svc['mutations']} in {svc['seconds']:.1f}s, "
+            f"{svc['cpu_us_per_mutation']} us CPU each), storage floor {floor['value']:.0f}/s, "
+            f"transport floor {transport['value']:.0f}/s; all conflicting "
+            f"{conflicted['value']:.0f}/s ({conflicted['cpu_us_per_mutation']} us CPU each, "
+            f"{conflicted['ratio_vs_reconnect']} x), "
             f"with metrics {with_metrics['value']:.0f}/s"
         )
     return {
@@ -143,6 +164,7 @@ def run(ctx: Ctx) -> dict[str, Figures]:
         "storage_floor": summarize(UNIT, floor_runs),
         "transport_floor": summarize(UNIT, transport_runs),
         "reconnect_sqlite_metrics": summarize(UNIT, metrics_runs),
+        "reconnect_conflicts": summarize(UNIT, conflict_runs),
     }
 
 
@@ -156,6 +178,8 @@ def _service_run(
     ctx: Ctx, folder: Path, prep: Prepared, extra: dict[str, str] | None = None
 ) -> Figures:
     proc = procs.start_sync(f"sqlite:///{folder / 'sync.db'}", ctx.audit_addr, folder, extra=extra)
+    """The reconnect's figures, and the sync process's CPU (user + system, every thread,
+    /proc) over the timed stream per mutation answered."""
     with procs.running(proc):
         seed(proc.address, prep)
         cpu = procs.cpu_seconds(proc.pid)

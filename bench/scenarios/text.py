@@ -14,6 +14,7 @@ import random
 import time
 
 from bench.context import Ctx
+from bench.scenarios import text_edits
 from bench.stats import Figures, summarize
 from sync_service.rules.textmerge import merge_text
 
@@ -73,12 +74,12 @@ def _one(rng: random.Random) -> Figures:
     yours, mine = _edit(base, rng, starts[0::2], "ann")
     theirs, others = _edit(base, rng, starts[1::2], "bob")
     times = []
-    merged = None
+    merged = ""
     for _ in range(CALLS_PER_RUN):
         t = time.perf_counter()
-        merged = merge_text(base, yours, theirs)
+        merged = merge_text(base, yours, theirs).text
         times.append((time.perf_counter() - t) * 1000)
-    if merged is None or not all(s in merged for s in mine + others):
+    if not all(s in merged for s in mine + others):
         raise RuntimeError("text_merge: the two edited copies did not merge with every edit")
     times.sort()
     return {
@@ -90,6 +91,10 @@ def _one(rng: random.Random) -> Figures:
 
 
 def run(ctx: Ctx) -> dict[str, Figures]:
+    return {**run_merge(ctx), **text_edits.run(ctx)}
+
+
+def run_merge(ctx: Ctx) -> dict[str, Figures]:
     runs: list[Figures] = []
     for rep in ctx.repetitions("text_merge"):
         runs.append(_one(random.Random(100 + rep)))

@@ -16,11 +16,13 @@ from typing import TypeVar
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from fieldsync.errors import InvalidArgument, Reason
+from fieldsync.textops import Delete, Insert, Retain, TextOp
 from fieldsync.v1 import common_pb2, sync_pb2
 from fieldsync.values import InvalidValue, fields_from_proto, fields_to_proto, to_proto
 from sync_service.rules.limits import mutation_problem
+from sync_service.rules.textedits import MAX_TEXT_OPS
 from sync_service.storage.base import FeedRecord, StoredConflict, StoredRecord
-from sync_service.writes.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome
+from sync_service.writes.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome, Status
 
 
 def mutation_from_proto(pm: sync_pb2.Mutation) -> MutationIn:
@@ -45,7 +47,7 @@ def _mutation_from_proto(pm: sync_pb2.Mutation) -> MutationIn:
     # Positional, and maps read only when set: this runs for every mutation.
     fields = pm.fields
     base_fields = pm.base_fields
-    return MutationIn(
+    m = MutationIn(
         pm.mutation_id,
         pm.client_seq,
         pm.op,
@@ -57,6 +59,29 @@ def _mutation_from_proto(pm: sync_pb2.Mutation) -> MutationIn:
         fields_from_proto(base_fields) if base_fields else {},
         pm.resolves_conflict_id,
     )
+    if pm.text_edits:
+        _text_edits_from_proto(pm, m)
+    return m
+
+
+def _text_edits_from_proto(pm: sync_pb2.Mutation, m: MutationIn) -> None:
+    for name, te in pm.text_edits.items():
+        if len(te.ops) > MAX_TEXT_OPS:  # not even read: the mutation is rejected
+            m.text_edits_error = f"{name}: {len(te.ops)} operations; at most {MAX_TEXT_OPS}"
+            return
+        ops: list[TextOp] = []
+        for i, e in enumerate(te.ops):
+            kind = e.WhichOneof("op")
+            if kind == "retain":
+                ops.append(Retain(e.retain))
+            elif kind == "delete":
+                ops.append(Delete(e.delete))
+            elif kind == "insert":
+                ops.append(Insert(e.insert))
+            else:
+                m.text_edits_error = f"{name}: operation {i} is neither retain, insert nor delete"
+                return
+        m.text_edits[name] = ops
 
 
 def _nanos(ts: Timestamp) -> int:
@@ -73,12 +98,15 @@ def batch_from_proto(pb: sync_pb2.MutationBatch) -> BatchIn:
     )
 
 
-def record_to_proto(rec: StoredRecord | FeedRecord, out: common_pb2.Record) -> None:
+def record_to_proto(
+    rec: StoredRecord | FeedRecord, out: common_pb2.Record, *, with_fields: bool = True
+) -> None:
     out.collection = rec.collection
     out.record_id = rec.record_id
     out.version = rec.version
     out.deleted = rec.deleted
-    fields_to_proto(rec.fields, out.fields)
+    if with_fields:
+        fields_to_proto(rec.fields, out.fields)
     ts = out.updated_at
     ts.seconds, ts.nanos = divmod(rec.updated_at, 1_000_000_000)
     out.updated_by = rec.updated_by
@@ -102,12 +130,17 @@ def conflict_to_proto(c: StoredConflict, out: sync_pb2.Conflict) -> None:
     out.resolved = c.resolved
 
 
-def outcome_to_proto(o: MutationOutcome, out: sync_pb2.MutationResult) -> None:
+def outcome_to_proto(
+    o: MutationOutcome, out: sync_pb2.MutationResult, *, compact: bool = False
+) -> None:
+    """`compact` (SyncHello.compact_results): an APPLIED result without warnings carries
+    its record without the fields (they are the client's base plus its own writes)."""
     out.mutation_id = o.mutation_id
     out.client_seq = o.client_seq
     out.status = int(o.status)  # type: ignore[assignment]
     if o.record is not None and o.record.version:
-        record_to_proto(o.record, out.record)
+        with_fields = not (compact and o.status is Status.APPLIED and not o.warnings)
+        record_to_proto(o.record, out.record, with_fields=with_fields)
     if o.conflict is not None:
         conflict_to_proto(o.conflict, out.conflict)
     for w in o.warnings:
@@ -116,30 +149,36 @@ def outcome_to_proto(o: MutationOutcome, out: sync_pb2.MutationResult) -> None:
         out.error.CopyFrom(o.error.to_status())
     out.duplicate_transition = o.duplicate_transition
     out.original_status = int(o.original_status)  # type: ignore[assignment]
+    if o.text_overlaps:
+        out.text_overlaps.extend(o.text_overlaps)
 
 
 def batch_outcome_to_proto(
-    bo: BatchOutcome, out: sync_pb2.BatchResult | None = None
+    bo: BatchOutcome, out: sync_pb2.BatchResult | None = None, *, compact: bool = False
 ) -> sync_pb2.BatchResult:
-    """Fill `out` (the result field of a response, so nothing is copied) or a new one."""
+    """Fill `out` (the result field of a response, so nothing is copied) or a new one;
+    `compact` as outcome_to_proto takes it."""
     if out is None:
         out = sync_pb2.BatchResult()
     out.last_applied_seq = bo.last_applied_seq
     add = out.results.add
     for o in bo.results:
-        outcome_to_proto(o, add())
+        outcome_to_proto(o, add(), compact=compact)
     return out
 
 
 Answer = TypeVar("Answer", sync_pb2.ApplyBatchResponse, sync_pb2.SyncResponse)
 
 
-def batch_answers(outcomes: list[BatchOutcome], answer: Callable[[], Answer]) -> list[Answer]:
-    """One answer message (ApplyBatchResponse or SyncResponse) per batch outcome."""
+def batch_answers(
+    outcomes: list[BatchOutcome], answer: Callable[[], Answer], compact: bool = False
+) -> list[Answer]:
+    """One answer message (ApplyBatchResponse or SyncResponse) per batch outcome;
+    `compact` as outcome_to_proto takes it (SyncHello.compact_results)."""
     out = []
     for o in outcomes:
         msg = answer()
-        batch_outcome_to_proto(o, msg.result)
+        batch_outcome_to_proto(o, msg.result, compact=compact)
         out.append(msg)
     return out
 

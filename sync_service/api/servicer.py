@@ -122,6 +122,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                 violations=[("hello", "required as the first message")],
             )
         client_id = first.hello.client_id
+        compact = first.hello.compact_results
         last = await asyncio.to_thread(self._applier.last_applied_seq, principal, client_id)
         yield sync_pb2.SyncResponse(
             welcome=sync_pb2.SyncWelcome(
@@ -151,14 +152,14 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                         inbox.raise_error()
                         return
                     running = asyncio.ensure_future(
-                        self._apply(principal, group, sync_pb2.SyncResponse)
+                        self._apply(principal, group, sync_pb2.SyncResponse, compact)
                     )
                 answers = await running
                 running = None
                 group = inbox.group_waiting()
                 if group:
                     running = asyncio.ensure_future(
-                        self._apply(principal, group, sync_pb2.SyncResponse)
+                        self._apply(principal, group, sync_pb2.SyncResponse, compact)
                     )
                 for answer in answers:
                     yield answer
@@ -197,13 +198,18 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         return batch
 
     async def _apply(
-        self, principal: Principal, batches: list[BatchIn], answer: type[Answer]
+        self,
+        principal: Principal,
+        batches: list[BatchIn],
+        answer: type[Answer],
+        compact: bool = False,
     ) -> list[Answer]:
-        """One client's batches through the scheduler; an `answer` message for each."""
+        """One client's batches through the scheduler; an `answer` message for each
+        (`compact`: SyncHello.compact_results, see api/convert.outcome_to_proto)."""
         if self._trace_source is not None and (traceparent := self._trace_source()):
             batches = [replace(b, traceparent=traceparent) for b in batches]
         return await self._writes.apply(
-            principal, batches, lambda outcomes: batch_answers(outcomes, answer)
+            principal, batches, lambda outcomes: batch_answers(outcomes, answer, compact)
         )
 
     async def Pull(

@@ -15,11 +15,15 @@ Per field the mutation writes (policy in the schema):
                                           yes, = yours  -> nothing to do
                                           yes, other    -> merge: conflict (theirs kept)
                                                            lww:   yours, overwrite recorded
-                                                           text:  character merge of both
-                                                                  edits; conflict if they overlap
+                                                           text:  merge of both sides'
+                                                                  edits, never a conflict
+                                                                  (sync_service.rules.textmerge)
 
 A field changed since base only by the same client is not "another writer"
 (a client queues several edits to one record on the base it last saw).
+
+Text fields (policy text), their operations and the history notes their merges leave
+are sync_service.rules.textfields.
 """
 
 from __future__ import annotations
@@ -29,9 +33,22 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
-from fieldsync.values import Fields, FieldValue, same
+from fieldsync.textops import TextOp
+from fieldsync.values import Fields, FieldValue, Json, same
 from sync_service.rules.schema import Policy
-from sync_service.rules.textmerge import merge_text
+from sync_service.rules.textfields import (
+    DELTA,
+    OWN,
+    SENT,
+    Point,
+    TextIn,
+    merge_text_field,
+    ops_json,
+    ops_of,
+    starts_of,
+    text_or_none,
+    texts_from_ops,
+)
 
 DELETED = "_deleted"
 """The pseudo-field for a record's existence; schema field names cannot start with '_'."""
@@ -129,6 +146,17 @@ class DuplicateTransition:
     earlier_client_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class TextOverlap:
+    """A text field whose two sides' edits overlapped, merged all the same."""
+
+    field: str
+    base: str  # the text the client edited
+    yours: str
+    theirs: str
+    merged: str
+
+
 @dataclass(slots=True)  # not frozen: built per mutation, and frozen init costs 4x
 class Decision:
     outcome: Outcome
@@ -137,6 +165,13 @@ class Decision:
     collisions: Sequence[FieldCollision] = ()
     overwrites: Sequence[Overwrite] = ()
     duplicates: Sequence[DuplicateTransition] = ()
+    text_overlaps: Sequence[TextOverlap] = ()
+    # Stored with the change, in its `old`, for fields it updates: SENT/OWN/DELTA + field
+    # (see the module docstring).
+    history_notes: Mapping[str, FieldValue] = field(default_factory=dict)
+    # Per field written with text_edits: the client's text after the edit, and the
+    # operations from it to the field's value after this mutation ([]: the same).
+    points: Mapping[str, tuple[str, list[TextOp]]] = field(default_factory=dict)
 
     @property
     def changes_record(self) -> bool:
@@ -170,11 +205,11 @@ class _History:
                 if name in ch.old:
                     return ch.old[name]
             return self.theirs(name)
-        if self._last_change(name) <= self.base_version:
+        if self.last_change(name) <= self.base_version:
             return self.theirs(name)
         return None
 
-    def _last_change(self, name: str) -> int:
+    def last_change(self, name: str) -> int:
         return self.state.field_versions.get(name, 0)
 
     def other_change(self, name: str) -> Change | None:
@@ -184,11 +219,11 @@ class _History:
         for ch in reversed(self.changes):
             if name in ch.old and ch.client_id != self.client_id:
                 return ch
-        if not self.complete and self._last_change(name) > self.base_version:
+        if not self.complete and self.last_change(name) > self.base_version:
             # Pruned history: who changed it is unknown, so it is never taken
             # as this client's own change (SPEC §1: a conflict, never a
             # silent overwrite).
-            return Change(self._last_change(name), "", "", {})
+            return Change(self.last_change(name), "", "", {})
         return None
 
     def moved(self, name: str) -> Change | None:
@@ -218,7 +253,7 @@ class _History:
         for ch in reversed(self.changes):
             if name in ch.old:
                 return ch
-        return Change(self._last_change(name), "", "", {})  # pruned: the writer is unknown
+        return Change(self.last_change(name), "", "", {})  # pruned: the writer is unknown
 
     def others_changed_anything(self) -> bool:
         if any(ch.client_id != self.client_id for ch in self.changes):
@@ -237,6 +272,9 @@ def decide(
     policies: Mapping[str, Policy],
     state_fields: frozenset[str] = frozenset(),
     all_lww: bool = False,
+    text_edits: Mapping[str, Sequence[TextOp]] | None = None,
+    base_texts: Mapping[str, FieldValue] | None = None,
+    points: Mapping[str, tuple[str, Sequence[TextOp], int]] | None = None,
 ) -> Decision:
     """Decide what `op` with `writes` on `base_version` does to the record.
 
@@ -244,16 +282,41 @@ def decide(
     field: None for those it clears); ignored for DELETE. `changes` are the
     record's committed versions above base_version, in ascending order (the
     caller checked that base_version <= state.version). Fields not in
-    `policies` default to merge.
+    `policies` default to merge. `text_edits` are text fields written as
+    operations (not also in `writes`), `base_texts` the client's base values
+    (`base_fields`) of text fields, `points` what this client's earlier
+    edits in the same transaction left (text, operations to the value, version).
+    Raises TextEditsInvalid when operations do not cover the text they apply to.
     """
-    if base_version >= state.history_floor and (
+    quiet = base_version >= state.history_floor and (
         not changes or all(c.client_id == client_id for c in changes)
-    ):
+    )
+    if quiet and not text_edits:
         return _decide_quiet(op, writes, state)
     hist = _History(state, base_version, client_id, sorted(changes, key=lambda c: c.version))
-    if op is Op.DELETE:
-        return _decide_delete(hist, all_lww)
-    return _decide_write(hist, op, writes, policies, state_fields, all_lww)
+    texts: dict[str, TextIn] = {}
+    starts = starts_of(base_texts or {}, points or {})
+    if not text_edits:
+        if op is Op.DELETE:
+            return _decide_delete(hist, all_lww)
+        return _decide_write(hist, op, writes, policies, state_fields, all_lww, texts, starts)
+    edited = texts_from_ops(hist, text_edits, starts, texts)
+    writes = {**writes, **edited}
+    if quiet:
+        d = _decide_quiet(op, writes, state)
+    else:
+        d = _decide_write(hist, op, writes, policies, state_fields, all_lww, texts, starts)
+    notes = dict(d.history_notes)
+    pts: dict[str, tuple[str, list[TextOp]]] = {}
+    for name, t in texts.items():
+        yours = edited[name]
+        assert isinstance(yours, str)
+        own = notes.get(OWN + name)
+        pts[name] = (yours, ops_of(own) if isinstance(own, Json) else [])
+        if DELTA + name not in notes and t.point.text == text_or_none(hist.theirs(name)):
+            notes[DELTA + name] = ops_json(t.ops)  # applied to the value as it was
+    d.history_notes, d.points = notes, pts
+    return d
 
 
 def _decide_quiet(op: Op, writes: Mapping[str, FieldValue], state: RecordView) -> Decision:
@@ -300,10 +363,12 @@ def _fields_changed_by_others(hist: _History) -> list[tuple[str, Change]]:
     names: set[str] = set()
     for ch in hist.changes:
         if ch.client_id != hist.client_id:
-            names.update(n for n in ch.old if n != DELETED)
+            names.update(n for n in ch.old if not n.startswith("_"))
     if not hist.complete:
         versions = hist.state.field_versions
-        names.update(n for n, v in versions.items() if v > hist.base_version and n != DELETED)
+        names.update(
+            n for n, v in versions.items() if v > hist.base_version and not n.startswith("_")
+        )
     out = []
     for name in sorted(names):
         change = hist.moved(name)
@@ -319,6 +384,8 @@ def _decide_write(
     policies: Mapping[str, Policy],
     state_fields: frozenset[str],
     all_lww: bool,
+    texts: Mapping[str, TextIn],
+    starts: Mapping[str, Point],
 ) -> Decision:
     deleted_by = hist.other_change(DELETED) if hist.theirs(DELETED) else None
     if deleted_by is not None and not all_lww:
@@ -341,6 +408,8 @@ def _decide_write(
     collisions: list[FieldCollision] = []
     overwrites: list[Overwrite] = []
     duplicates: list[DuplicateTransition] = []
+    overlaps: list[TextOverlap] = []
+    notes: Fields = {}
     if hist.theirs(DELETED):
         updates[DELETED] = False
         if deleted_by is not None:  # all-lww collection: the write wins over the delete
@@ -382,10 +451,18 @@ def _decide_write(
             overwrites.append(Overwrite(name, theirs, yours, hist.writer(name).mutation_id))
             continue
         if policy is Policy.TEXT:
-            merged = _merge_text(hist, name, yours, theirs)
+            merged = merge_text_field(hist, name, yours, theirs, texts, starts)
             if merged is not None:
-                if not same(merged, theirs):
-                    updates[name] = merged
+                ancestor, m = merged
+                assert isinstance(yours, str)  # _merge_text checked it
+                if not same(m.text, theirs):
+                    updates[name] = m.text
+                    notes[DELTA + name] = ops_json(m.yours_over_theirs)
+                if m.overlapped:
+                    overlaps.append(TextOverlap(name, ancestor, yours, str(theirs or ""), m.text))
+                if m.text != yours:
+                    notes[SENT + name] = yours
+                    notes[OWN + name] = ops_json(m.theirs_over_yours)
                 continue
         collisions.append(FieldCollision(name, hist.base(name), yours, theirs))
 
@@ -399,24 +476,17 @@ def _decide_write(
             collisions=collisions,
             overwrites=overwrites,
             duplicates=duplicates,
+            text_overlaps=overlaps,
+            history_notes=notes,
         )
-    return Decision(_outcome(hist), updates, overwrites=overwrites, duplicates=duplicates)
-
-
-def _merge_text(hist: _History, name: str, yours: FieldValue, theirs: FieldValue) -> str | None:
-    """Both sides' edits of a text field, merged character by character; None: they overlap.
-
-    Only with a known base: after pruned history the base is unknown, and a
-    guessed one could drop an edit, so that stays a conflict.
-    """
-    base = hist.base(name)
-    if base is None and hist.complete:
-        base = ""  # the field did not exist at the base: both sides inserted text
-    if not (isinstance(base, str) and isinstance(yours, str) and isinstance(theirs, str)):
-        return None
-    if not hist.complete:
-        return None
-    return merge_text(base, yours, theirs)
+    return Decision(
+        _outcome(hist),
+        updates,
+        overwrites=overwrites,
+        duplicates=duplicates,
+        text_overlaps=overlaps,
+        history_notes=notes,
+    )
 
 
 def _outcome(hist: _History) -> Outcome:

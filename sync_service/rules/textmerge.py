@@ -1,155 +1,169 @@
-"""Three-way character merge for fields with policy ``text`` (SPEC §3).
+"""The merge of concurrent edits of a ``text`` field (SPEC §3): never a conflict.
 
-What lives here: :func:`merge_text`, a pure function (base, yours, theirs) -> merged text,
-or ``None`` when the two sides' edits collide so that no merge keeps every insertion of
-both. No I/O, nothing that depends on the clock, no schema, storage or audit: the caller
-decides where the three values come from and turns ``None`` into a durable conflict.
+What lives here: a pure, deterministic transformation of two sides' edits of one base
+text, in code points (no I/O, no clock, no schema or storage). Each side is a list of
+:class:`Edit` in base coordinates (replace ``base[start:end]`` with ``text``), made either
+from the operations a client sent (:func:`edits_from_ops`, exact) or from a whole value
+(:func:`diff`, its diff against base). :func:`merge` combines them, OT style:
 
-How. Each side is diffed against base; each diff becomes a list of edits in base
-coordinates ("replace ``base[start:end]`` with ``text``"; a pure insertion has
-``start == end``); the two lists are merged by position and applied to base.
+- every character either side inserted survives exactly once, in its place;
+- a base character either side deleted is gone (deletions are a union);
+- two insertions at one place both survive, **theirs (the earlier arrival) first**;
+- an insertion inside a span the other side deleted survives at its own place in that
+  span (the span's other characters are gone around it);
+- an identical insertion at one place on both sides (which an identical edit is) is made
+  once;
+- the result says whether the edits overlapped: a non-identical pair that shares a base
+  character, an insertion strictly inside the other's span, or two insertions at one
+  place. Edits that merely touch (one ends where the other starts) do not overlap.
 
-- **diff-match-patch, not difflib.** ``difflib.SequenceMatcher`` is not a minimal diff:
-  it matches longest blocks greedily and, on sequences of 200+ items, "autojunk" ignores
-  any character that fills more than 1% of the text (spaces, "e"), so its character
-  diffs of real prose come out coarse and arbitrary. diff-match-patch runs Myers' O(ND)
-  diff, with a line-level first pass that keeps megabyte pages fast, and a cleanup made
-  for human text. Its Python 3 version works on ``str``, i.e. on code points, so a
-  character beyond the BMP (an emoji) is one unit and is never split into surrogates.
-- **Diff_Timeout = 0, and a work budget instead.** With a timeout the library returns a
-  coarser diff when the clock runs out, so the merge (and whether it conflicts) would
-  depend on machine speed and load. With none, two long texts that differ almost
-  everywhere take minutes (10,000 unrelated characters: 60 s; a 1 MB page converted from
-  CRLF to LF: 9 minutes). So each diff gets a fixed budget of search steps (see
-  ``_Differ``): past it the rest is diffed coarsely, as the timeout would, but at a point
-  that depends on the texts alone. About 0.7 s per diff at worst (a merge makes two, or
-  four when both sides share some edits); ordinary edits never reach it.
-- **diff_cleanupSemantic.** A minimal diff of a rewrite is full of "chaff": single
-  characters that happen to match ("Tuesday" -> "Sunday" keeps the "u"), splitting one
-  rewrite into fragments the other side's edits could slip between, which yields text
-  neither user wrote. The semantic cleanup folds such short equalities into the
-  surrounding edit (only when an equality is no longer than the edits on both sides of
-  it) and slides edits to word and line boundaries. The cost: a rewrite becomes one
-  span, so an edit by the other side inside it is a conflict rather than a merge.
-- **Not patch_apply.** Its fuzzy matching places a patch wherever the context looks most
-  alike, and drops it when nothing is alike enough: an edit can land in the wrong place
-  or vanish while the call reports success. Here every edit is placed exactly, by base
-  coordinates, or the merge is refused.
+The result also carries each side's edits transformed past the other's
+(``yours_over_theirs`` turns theirs' text into the merge, ``theirs_over_yours`` yours'):
+the convergence property (A then B' = B then A') the tests check.
 
-Rules (edits of one side never touch each other: a diff separates them by at least one
-unchanged character):
+The diff of a whole value (:func:`diff`) is diff-match-patch (Myers O(ND) on code points,
+a line-level first pass for long texts) with two changes of ours:
 
-- yours == theirs: that text. Only one side changed: that side's text.
-- Edits of the two sides that share no base character all apply. Edits that merely touch
-  (one ends where the other starts) both apply, in base order.
-- Two insertions at the same base position both survive, **yours first, then theirs**,
-  unless they are identical, when the text is inserted once.
-- An identical edit on both sides (same span, same text) applies once. Identical is
-  judged on the diffs before the cleanup, which may fold one shared change into
-  different spans on the two sides; the shared changes are then taken as part of base
-  and the rest is diffed from there.
-- Conflict (``None``): two edits share a base character (overlapping deletions too,
-  though deleting their union would lose no insertion: two hands on the same text is
-  the conservative reading), or one side's insertion falls strictly inside a span the
-  other side deleted or replaced: there is nowhere to put it.
-- Boundary: an insertion exactly at the start or end of a span the other side replaced
-  or deleted is not inside it; it survives, next to the replacement text (before it at
-  the start, after it at the end).
+- **A work budget, not a clock.** ``Diff_Timeout`` is off (a clock would make the result
+  depend on machine speed) and each diff gets :data:`WORK_BUDGET` Myers steps (see
+  ``_Differ``); past it the rest is diffed coarsely, at a point that depends on the texts
+  alone. The bound: at most ``WORK_BUDGET`` diagonal steps of search per diff (measured
+  ~0.7 s), plus linear passes over the texts (a caller caps their length); a whole-value
+  merge makes two diffs, or four when both sides share changes. A coarse diff is still a
+  correct diff: it turns a side's edits into fewer, larger replacements, so the merge
+  keeps every insertion but reports an overlap more often.
+- **diff_cleanupSemantic where the sides do not overlap**, so that a rewritten word is one
+  replacement rather than "chaff" (single characters that happen to match). Where they
+  overlap, the cleanup's reading cannot be used: it reads a character both sides kept as
+  deleted and inserted again, so it would come out twice, or back after the other side
+  deleted it. There the merge uses the minimal diffs (Myers), which keep every character
+  they can: "Tuesday" rewritten to "Sunday" and to "Monday" merges as "MonSnday" (every
+  character either side typed, once), not "MonSunday".
+- **Clusters kept whole.** A diff insertion that its reading put between a base character
+  and a combining mark, ZWJ, variation selector, emoji modifier, the LF of a CRLF or the
+  low half of a surrogate pair is slid to the cluster's edge when the same text reads that
+  way (``"e"`` + ``"\\u0300e"`` + ``"\\u0301"`` is ``"e\\u0300"`` + ``"e\\u0301"``), so a
+  merge never places the other side's insertion inside it. Operations a client sent are
+  taken as sent: where a user put a character is the user's choice.
 
-Limits.
-
-- An insertion is what the diff reads as inserted. Where the same change reads more than
-  one way, the merge follows the diff's reading: "Xa" typed after the first "a" of "aha"
-  reads as "aX" before it, so if the other side deleted that "a" the result is "aXha",
-  not "Xaha". Both are honest merges of the two texts; no character is lost or doubled.
-- Positions are code points, not grapheme clusters: concurrent edits to different code
-  points of one cluster (the "e" and the U+0301 of "e\u0301", two people of one ZWJ
-  family emoji) merge into a cluster neither side wrote.
-- The budget bounds the search, not the linear passes: callers should still cap the
-  length of text fields. Past the budget a merge is likelier to conflict (a 100 KB note
-  converted to LF line endings while someone else edits it does).
+Limits: positions are code points, not grapheme clusters (two users editing different code
+points of one cluster get a cluster neither wrote); where a whole value's change reads more
+than one way, the merge follows the diff's reading (no character is lost or doubled).
 """
 
 from __future__ import annotations
 
+import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from diff_match_patch import diff_match_patch
 
-__all__ = ["merge_text"]
+from fieldsync.textops import Delete, Insert, Retain, TextOp, check_ops, normalize
+
+__all__ = [
+    "WORK_BUDGET",
+    "Edit",
+    "TextMerge",
+    "diff",
+    "edits_from_ops",
+    "merge",
+    "merge_ops",
+    "merge_text",
+    "ops_from_edits",
+]
 
 
 @dataclass(frozen=True, slots=True)
-class _Edit:
+class Edit:
     """Replace ``base[start:end]`` with ``text`` (an insertion when start == end)."""
 
     start: int
     end: int
     text: str
 
-    @property
-    def is_insertion(self) -> bool:
-        return self.start == self.end
+
+@dataclass(frozen=True, slots=True)
+class TextMerge:
+    text: str
+    overlapped: bool
+    yours_over_theirs: list[TextOp]  # theirs' text -> the merge
+    theirs_over_yours: list[TextOp]  # yours' text -> the merge
 
 
-def merge_text(base: str, yours: str, theirs: str) -> str | None:
-    """Merge two edited copies of ``base``; ``None`` when their edits collide.
+# --- the two ways a side's edits are made ----------------------------------------------
 
-    Every insertion of both sides (as the diff reads it) is in the result, and every
-    deletion of both sides is applied. See the module docstring for the exact rules.
-    Deterministic: same inputs, same output, on every machine.
-    """
-    if yours == theirs or theirs == base:
-        return yours
-    if yours == base:
-        return theirs
-    mine, other = _Diff(base, yours), _Diff(base, theirs)
-    shared = set(mine.raw) & set(other.raw)
-    if shared:
-        # Changes both sides made alike are measured out first, so that only the rest is
-        # merged: the cleanup can fold one shared change into different spans on the two
-        # sides ("ab" -> "aXb!" and "?aXb" become "b" -> "Xb!" and "a" -> "?aX"), which
-        # would no longer be identical and would apply twice ("?aXXb!").
-        base = _apply(base, [edit for edit in mine.raw if edit in shared])
-        if yours == base:
-            return theirs
-        if theirs == base:
-            return yours
-        mine, other = _Diff(base, yours), _Diff(base, theirs)
-    merged = _merge_edits(mine.edits, other.edits)
-    if merged is None:
-        return None
-    return _apply(base, merged)
+
+def edits_from_ops(base: str, ops: Sequence[TextOp]) -> list[Edit]:
+    """A client's operations on ``base`` as edits (TextOpsError when they do not cover it)."""
+    check_ops(len(base), ops)
+    edits: list[Edit] = []
+    pos = 0
+    start: int | None = None
+    inserted: list[str] = []
+    for op in ops:
+        if isinstance(op, Retain):
+            if start is not None:
+                edits.append(Edit(start, pos, "".join(inserted)))
+                start, inserted = None, []
+            pos += op.n
+            continue
+        if start is None:
+            start = pos
+        if isinstance(op, Delete):
+            pos += op.n
+        else:
+            inserted.append(op.text)
+    if start is not None:
+        edits.append(Edit(start, pos, "".join(inserted)))
+    return edits
+
+
+def ops_from_edits(length: int, edits: Sequence[Edit]) -> list[TextOp]:
+    """Edits of a text of ``length`` code points as operations covering it."""
+    ops: list[TextOp] = []
+    pos = 0
+    for e in edits:
+        ops += [Retain(e.start - pos), Insert(e.text), Delete(e.end - e.start)]
+        pos = e.end
+    ops.append(Retain(length - pos))
+    return normalize(ops)
+
+
+# Search work allowed for one diff, in diagonals walked by the Myers search (see _Differ);
+# measured: a 100 KB or 1 MB page with 50 scattered edits uses ~3,500, with 500 edits
+# ~230,000; spending all of it takes about 0.7 s.
+WORK_BUDGET = 500_000
+
+
+def diff(base: str, changed: str) -> list[Edit]:
+    """The edits that turn ``base`` into ``changed`` (bounded work, see the docstring)."""
+    return _Diff(base, changed).edits
 
 
 class _Diff:
-    """The edits that turn ``base`` into ``changed``, in base order, read two ways.
-
-    ``edits`` is the reading merged (after diff_cleanupSemantic, see the module
-    docstring); ``raw`` is the diff before that cleanup, only used to find the changes
-    both sides made alike.
-    """
+    """A diff read two ways, both with clusters kept whole: ``edits`` after the semantic
+    cleanup, ``raw`` before it (the minimal diff)."""
 
     __slots__ = ("edits", "raw")
 
     def __init__(self, base: str, changed: str) -> None:
         differ = _Differ()
         diffs: list[tuple[int, str]] = differ.diff_main(base, changed)
-        self.raw = _to_edits(diffs)
+        self.raw = _keep_clusters(base, _to_edits(diffs))
         differ.diff_cleanupSemantic(diffs)  # in place
-        self.edits = _to_edits(diffs)
+        self.edits = _keep_clusters(base, _to_edits(diffs))
 
 
-def _to_edits(diffs: list[tuple[int, str]]) -> list[_Edit]:
-    """A diff (equal / delete / insert runs) as edits in base coordinates."""
-    edits: list[_Edit] = []
-    pos = 0  # position in base
-    start: int | None = None  # base position where the current run of changes began
+def _to_edits(diffs: list[tuple[int, str]]) -> list[Edit]:
+    edits: list[Edit] = []
+    pos = 0
+    start: int | None = None
     inserted: list[str] = []
     for op, text in diffs:
         if op == diff_match_patch.DIFF_EQUAL:
             if start is not None:
-                edits.append(_Edit(start, pos, "".join(inserted)))
+                edits.append(Edit(start, pos, "".join(inserted)))
                 start, inserted = None, []
             pos += len(text)
             continue
@@ -160,14 +174,8 @@ def _to_edits(diffs: list[tuple[int, str]]) -> list[_Edit]:
         else:
             inserted.append(text)
     if start is not None:
-        edits.append(_Edit(start, pos, "".join(inserted)))
+        edits.append(Edit(start, pos, "".join(inserted)))
     return edits
-
-
-# Search work allowed for one side's diff, in diagonals walked by the Myers search (see
-# _Differ); measured: a 100 KB or 1 MB page with 50 scattered edits uses ~3,500, with 500
-# edits ~230,000; spending all of it takes about 0.7 s.
-_WORK_BUDGET = 500_000
 
 
 class _Differ(diff_match_patch):  # type: ignore[misc]  # the library ships no type hints
@@ -175,17 +183,14 @@ class _Differ(diff_match_patch):  # type: ignore[misc]  # the library ships no t
 
     The library's only brake is ``Diff_Timeout``, checked in its Myers loop
     (``diff_bisect``) as ``time.time() > deadline`` once per step; when it fires, that
-    piece is diffed as one replacement. A clock makes the result depend on machine speed,
-    and no brake lets two long unrelated texts run for minutes (O(N x D)). So the timeout
-    is off and each Myers pass gets a :class:`_Meter` as its "deadline" instead: the same
-    check, counting work rather than seconds, so where a diff turns coarse depends on the
-    texts alone. A coarse diff is still a correct diff; it only makes a conflict likelier.
+    piece is diffed as one replacement. So the timeout is off and each Myers pass gets a
+    :class:`_Meter` as its "deadline": the same check, counting work rather than seconds.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.Diff_Timeout = 0
-        self.work_left = _WORK_BUDGET
+        self.work_left = WORK_BUDGET
 
     def diff_bisect(self, text1: str, text2: str, deadline: object) -> list[tuple[int, str]]:
         diffs: list[tuple[int, str]] = super().diff_bisect(text1, text2, _Meter(self))
@@ -202,62 +207,199 @@ class _Meter:
         self._step = 0
 
     def __lt__(self, now: object) -> bool:
-        # ``time.time() > meter`` lands here (a float cannot compare itself with a
-        # _Meter), so the clock's value is ignored. Step d of a pass walks about d
-        # diagonals, hence the growing charge.
+        # ``time.time() > meter`` lands here, so the clock's value is ignored. Step d of a
+        # pass walks about d diagonals, hence the growing charge.
         self._step += 1
         self._differ.work_left -= self._step
         return self._differ.work_left < 0
 
 
-def _collide(a: _Edit, b: _Edit) -> bool:
-    """Whether no order of ``a`` and ``b`` keeps both (they are not identical)."""
-    if a.is_insertion and b.is_insertion:
-        return False
-    if a.is_insertion:
-        return b.start < a.start < b.end
-    if b.is_insertion:
-        return a.start < b.start < a.end
-    return max(a.start, b.start) < min(a.end, b.end)
+def _attached(text: str, i: int) -> bool:
+    """Whether ``text[i]`` belongs to the cluster of ``text[i - 1]`` (0 < i < len)."""
+    c, prev = text[i], text[i - 1]
+    if prev == "\u200d" or c == "\u200d":  # zero-width joiner
+        return True
+    if prev == "\r" and c == "\n":
+        return True
+    o = ord(c)
+    if 0x1F3FB <= o <= 0x1F3FF or 0xE0020 <= o <= 0xE007F:  # skin tones, emoji tags
+        return True
+    if 0xDC00 <= o <= 0xDFFF and 0xD800 <= ord(prev) <= 0xDBFF:  # a surrogate pair
+        return True
+    return unicodedata.category(c) in ("Mn", "Mc", "Me")
 
 
-def _merge_edits(yours: list[_Edit], theirs: list[_Edit]) -> list[_Edit] | None:
-    """Both sides' edits in one base-ordered list, or ``None`` if two collide.
+def _keep_clusters(base: str, edits: list[Edit]) -> list[Edit]:
+    """Slide each insertion inside a cluster to its edge where the text reads the same."""
+    out: list[Edit] = []
+    for k, e in enumerate(edits):
+        if e.end == e.start and not _edge(base, e.start):
+            floor = out[-1].end if out else 0
+            ceiling = edits[k + 1].start if k + 1 < len(edits) else len(base)
+            e = _slide(base, e.start, e.text, floor, ceiling) or e
+        out.append(e)
+    return out
 
-    Comparing only the two heads is enough: each list is sorted and its edits are
-    disjoint, so once the earlier head is taken, nothing later on its side can reach back
-    before the other head.
-    """
-    merged: list[_Edit] = []
+
+def _edge(text: str, i: int) -> bool:
+    return i <= 0 or i >= len(text) or not _attached(text, i)
+
+
+def _slide(base: str, g: int, text: str, floor: int, ceiling: int) -> Edit | None:
+    """``text`` inserted at ``g`` re-read at a cluster edge within [floor, ceiling]."""
+    # Left: text ending in base[g-1], inserted at g, reads as base[g-1] + text[:-1] at g-1.
+    p, t = g, text
+    while p > floor and t[-1] == base[p - 1]:
+        p, t = p - 1, base[p - 1] + t[:-1]
+        if _edge(base, p):
+            return Edit(p, p, t)
+    p, t = g, text
+    while p < ceiling and t[0] == base[p]:
+        p, t = p + 1, t[1:] + base[p]
+        if _edge(base, p):
+            return Edit(p, p, t)
+    return None
+
+
+# --- the merge --------------------------------------------------------------------------
+
+_YOURS, _THEIRS, _BOTH = 1, 2, 3
+
+
+def merge(base: str, yours: Sequence[Edit], theirs: Sequence[Edit]) -> TextMerge:
+    """Both sides' edits of ``base`` (each sorted, disjoint) combined; see the docstring."""
+    ys, ts = _coalesce(yours), _coalesce(theirs)
+    y_at = {e.start: e for e in ys}
+    t_at = {e.start: e for e in ts}
+    points = sorted({0, len(base), *y_at, *t_at, *(e.end for e in ys), *(e.end for e in ts)})
+    # Segments in order: (side, text, deleted_by) -- an insertion has deleted_by 0 and
+    # names its side; a base run has side 0 and says which sides deleted it.
+    segs: list[tuple[int, str, int]] = []
+    y_end = t_end = 0
+    for i, p in enumerate(points):
+        y, t = y_at.get(p), t_at.get(p)
+        if y is not None:
+            y_end = y.end
+        if t is not None:
+            t_end = t.end
+        if y is not None and t is not None and y.text and y.text == t.text:
+            segs.append((_BOTH, y.text, 0))
+        else:
+            if t is not None and t.text:
+                segs.append((_THEIRS, t.text, 0))
+            if y is not None and y.text:
+                segs.append((_YOURS, y.text, 0))
+        if i + 1 < len(points):
+            q = points[i + 1]
+            deleted = (_YOURS if p < y_end else 0) | (_THEIRS if p < t_end else 0)
+            segs.append((0, base[p:q], deleted))
+    merged: list[str] = []
+    over_theirs: list[TextOp] = []
+    over_yours: list[TextOp] = []
+    for side, text, deleted in segs:
+        if side:
+            merged.append(text)
+            over_theirs.append(Retain(len(text)) if side & _THEIRS else Insert(text))
+            over_yours.append(Retain(len(text)) if side & _YOURS else Insert(text))
+            continue
+        if not deleted:
+            merged.append(text)
+        n = len(text)
+        if not deleted & _THEIRS:
+            over_theirs.append(Delete(n) if deleted else Retain(n))
+        if not deleted & _YOURS:
+            over_yours.append(Delete(n) if deleted else Retain(n))
+    return TextMerge(
+        "".join(merged), _overlapped(ys, ts), normalize(over_theirs), normalize(over_yours)
+    )
+
+
+def _coalesce(edits: Sequence[Edit]) -> list[Edit]:
+    """Edits that touch (one ends where the next starts) as one; empty edits dropped."""
+    out: list[Edit] = []
+    for e in edits:
+        if e.start == e.end and not e.text:
+            continue
+        if out and out[-1].end == e.start:
+            last = out[-1]
+            out[-1] = Edit(last.start, e.end, last.text + e.text)
+        else:
+            out.append(e)
+    return out
+
+
+def _overlapped(ys: list[Edit], ts: list[Edit]) -> bool:
+    """Whether a non-identical pair of edits overlaps (see the docstring)."""
     i = j = 0
-    while i < len(yours) and j < len(theirs):
-        mine, other = yours[i], theirs[j]
-        if mine == other:
-            merged.append(mine)
+    while i < len(ys) and j < len(ts):
+        y, t = ys[i], ts[j]
+        if y != t and _overlap(y, t):
+            return True
+        if y.end < t.end:
             i += 1
-            j += 1
-        elif _collide(mine, other):
-            return None
-        # (start, end) order puts an insertion before a span starting at the same point
-        # and after one ending there; a tie (two insertions at one point) goes to yours.
-        elif (other.start, other.end) < (mine.start, mine.end):
-            merged.append(other)
+        elif t.end < y.end:
             j += 1
         else:
-            merged.append(mine)
             i += 1
-    merged.extend(yours[i:])
-    merged.extend(theirs[j:])
-    return merged
+            j += 1
+    return False
 
 
-def _apply(base: str, edits: list[_Edit]) -> str:
-    """``base`` with ``edits`` (base-ordered, not overlapping) applied."""
+def _overlap(a: Edit, b: Edit) -> bool:
+    if max(a.start, b.start) < min(a.end, b.end):
+        return True  # a shared base character
+    if a.start == a.end and b.start < a.start < b.end:
+        return True
+    if b.start == b.end and a.start < b.start < a.end:
+        return True
+    return a.start == b.start and bool(a.text) and bool(b.text)  # inserts at one place
+
+
+def merge_text(base: str, yours: str, theirs: str) -> TextMerge:
+    """Two whole values edited from ``base``, merged (each diffed against base)."""
+    if yours == theirs or theirs == base:
+        return _one_side(base, yours, theirs)
+    if yours == base:
+        swapped = _one_side(base, theirs, yours)
+        return TextMerge(swapped.text, False, swapped.theirs_over_yours, swapped.yours_over_theirs)
+    mine, other = _Diff(base, yours), _Diff(base, theirs)
+    shared = set(mine.raw) & set(other.raw)
+    if shared:
+        # Changes both sides made alike are taken as part of base first: the cleanup can
+        # fold one shared change into different spans on the two sides ("ab" -> "aXb!"
+        # and "?aXb" read as "b" -> "Xb!" and "a" -> "?aX"), which would apply twice.
+        base = _apply(base, [e for e in mine.raw if e in shared])
+        if yours == base or theirs == base:
+            return merge_text(base, yours, theirs)
+        mine, other = _Diff(base, yours), _Diff(base, theirs)
+    m = merge(base, mine.edits, other.edits)
+    return merge(base, mine.raw, other.raw) if m.overlapped else m
+
+
+def merge_ops(base: str, yours: Sequence[Edit], theirs: str) -> TextMerge:
+    """A client's exact edits of ``base`` merged with a whole value ``theirs`` (the
+    server's text, diffed against base)."""
+    if theirs == base:
+        return merge(base, yours, [])
+    other = _Diff(base, theirs)
+    m = merge(base, yours, other.edits)
+    return merge(base, yours, other.raw) if m.overlapped else m
+
+
+def _one_side(base: str, yours: str, theirs: str) -> TextMerge:
+    """Theirs is base or equal to yours: the merge is yours."""
+    keep: list[TextOp] = [Retain(len(yours))] if yours else []
+    if theirs == yours:
+        return TextMerge(yours, False, keep, keep)
+    return TextMerge(yours, False, ops_from_edits(len(base), diff(base, yours)), keep)
+
+
+def _apply(base: str, edits: Sequence[Edit]) -> str:
     parts: list[str] = []
     cursor = 0
-    for edit in edits:
-        parts.append(base[cursor : edit.start])
-        parts.append(edit.text)
-        cursor = edit.end
+    for e in edits:
+        parts.append(base[cursor : e.start])
+        parts.append(e.text)
+        cursor = e.end
     parts.append(base[cursor:])
     return "".join(parts)

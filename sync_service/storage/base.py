@@ -196,11 +196,12 @@ class Reads(Protocol):
 class WriteTx(Reads, Protocol):
     """One write transaction: what it reads stays true until it commits.
 
-    An exclusive one holds the database's write lock from its first
-    statement. Where writers can run at once (PostgreSQL) a transaction can be
-    optimistic instead: it reads and decides without any lock, and its write
-    first checks, under the write lock, that nothing it read has changed
-    since (WriteConflict if it has). On SQLite every transaction is exclusive.
+    An exclusive one holds the write lock of the tenants it names from its
+    first statement (SQLite: the whole database's). Where writers can run at
+    once (PostgreSQL) a transaction can be optimistic instead: it reads and
+    decides without any lock, and its write first checks, under the write
+    lock of the tenants it touches, that nothing it read has changed since
+    (WriteConflict if it has). On SQLite every transaction is exclusive.
     """
 
     def write(self, batch: BatchWrite) -> None:
@@ -219,8 +220,11 @@ class Storage(Protocol):
         transaction (where a write transaction holds the whole database anyway)."""
         ...
 
-    def write_transaction(self, *, exclusive: bool = False) -> AbstractContextManager[WriteTx]:
-        """A write transaction (see WriteTx); optimistic where the engine can be."""
+    def write_transaction(
+        self, *, exclusive: bool = False, tenants: Sequence[str] = ()
+    ) -> AbstractContextManager[WriteTx]:
+        """A write transaction (see WriteTx); optimistic where the engine can be. An
+        exclusive one names every tenant it will read or write (`tenants`)."""
         ...
 
     def get_records(

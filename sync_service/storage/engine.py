@@ -11,7 +11,7 @@ Nothing here runs SQL.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol
 
 from sqlalchemy import Connection
@@ -38,9 +38,16 @@ class Engine:
     combine_writes: ClassVar[bool]
 
     def begin(
-        self, conn: Connection, sql: Statements, cache: RecordCache, *, exclusive: bool
+        self,
+        conn: Connection,
+        sql: Statements,
+        cache: RecordCache,
+        *,
+        exclusive: bool,
+        tenants: Sequence[str] = (),
     ) -> SqlWriteTx:
-        """The write transaction on `conn` (already begun)."""
+        """The write transaction on `conn` (already begun); an exclusive one holds the
+        write lock of `tenants` from the start."""
         raise NotImplementedError
 
     def now_ns(self) -> Any:

@@ -1,29 +1,28 @@
-"""What PostgreSQL does differently: optimistic writers, the feed lock, LISTEN/NOTIFY.
+"""What PostgreSQL does differently: optimistic writers, per-tenant feed rows, NOTIFY.
 
 Several service instances write one PostgreSQL database at once, so:
 
 - `PgWriteTx`, the write transaction, is optimistic by default (it reads and
   decides without a lock, noting what it read: `Expectations`) and checks
-  under the feed lock at its write that all of that is still so, or raises
-  WriteConflict; a retry is exclusive (the feed lock from the start). Rows go
-  in by COPY.
-- The feed lock (an advisory lock, held from the feed head's read to the
-  commit) makes feed positions visible in their order; migrations take it
-  too (fieldsync.db.migrate).
+  under its tenants' feed rows at its write that all of that is still so, or
+  raises WriteConflict; a retry is exclusive (its tenants' rows locked from
+  the start). Rows go in by COPY.
+- A tenant's feed row (`tenant_feed`, locked by the UPDATE … RETURNING that
+  hands out the tenant's next positions, held to the commit) makes the
+  tenant's feed positions visible in their order; other tenants commit
+  alongside (docs/scaling.md). Record keys come from the sequence
+  `record_keys`. Migrations take an advisory lock.
 - A write that moves the feed calls `notify_feed` (a
   `pg_notify('fieldsync_feed', tenant)`, which PostgreSQL delivers only when
   the transaction commits, and never if it rolls back). Each sync process
-  runs one `FeedListener`: a thread holding one dedicated connection (not
-  from the pool) that LISTENs on the channel and, for each notification,
-  wakes the process's ChangeNotifier on its event loop. If the connection
-  drops it reconnects with backoff and then wakes everyone once, since
-  notifications sent meanwhile are lost; the Subscribe poll stays as the
-  last resort.
+  runs one `FeedListener` (storage/pg_listen.py, re-exported here), a
+  thread with a LISTEN connection that wakes the process's Subscribe
+  streams.
 - The outbox's leases use the database's clock, so instances' clocks need
   not agree; the service does not combine several clients' writes in one
-  transaction (`POSTGRES.combine_writes`): a transaction takes the feed lock
-  at its first write and keeps it to the commit, so a combined one would
-  hold it through every later client's reads and decisions.
+  transaction (`POSTGRES.combine_writes`): a transaction takes its tenant's
+  feed row at its first write and keeps it to the commit, so a combined one
+  would hold it through every later client's reads and decisions.
 
 How an optimistic transaction's check of Expectations works (PostgreSQL; a
 SQLite transaction is exclusive and checks nothing): what the batch writes
@@ -44,16 +43,12 @@ to look again.
 from __future__ import annotations
 
 import asyncio
-import logging
-import random
-import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from sqlalchemy import BigInteger, Connection, cast, extract, func, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import BigInteger, Connection, cast, extract, func
 
 from fieldsync.db import chunks
 from sync_service.storage.base import (
@@ -65,9 +60,15 @@ from sync_service.storage.base import (
 )
 from sync_service.storage.cache import RecordCache
 from sync_service.storage.engine import Engine
+from sync_service.storage.pg_listen import (
+    FEED_CHANNEL,
+    LISTENER_APPLICATION_NAME,
+    FeedListener,
+    libpq_url,
+    notify_feed,
+)
 from sync_service.storage.rows import (
     INSERT_COLUMNS,
-    PG_FEED_LOCK,
     RECORD_COLUMNS,
     Statements,
     get_client,
@@ -84,126 +85,6 @@ __all__ = [
     "libpq_url",
     "notify_feed",
 ]
-
-log = logging.getLogger("fieldsync.feed.listen")
-
-FEED_CHANNEL = "fieldsync_feed"
-LISTENER_APPLICATION_NAME = "fieldsync-feed-listener"
-
-_NOTIFY = text(f"SELECT pg_notify('{FEED_CHANNEL}', :tenant)")
-
-
-def notify_feed(conn: Connection, tenants: Iterable[str]) -> None:
-    """Queue one notification per tenant on the open transaction; sent at its commit."""
-    for tenant in sorted(set(tenants)):
-        conn.execute(_NOTIFY, {"tenant": tenant})
-
-
-def libpq_url(url: str) -> str:
-    """The SQLAlchemy URL as a libpq connection URI (no '+driver')."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-class FeedListener:
-    """One LISTEN connection in a background thread; calls `wake(tenants)` on `loop`.
-
-    Bursts are coalesced: while a wake-up is queued on the loop and has not
-    run yet, further notifications add their tenant to it (the queued one runs
-    after them, and the streams it wakes read the database afresh). `tenants`
-    is None when who committed is unknown (after a gap in LISTEN): wake all.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        loop: asyncio.AbstractEventLoop,
-        wake: Callable[[frozenset[str] | None], None],
-        *,
-        poll_interval: float = 0.5,
-        min_backoff: float = 0.1,
-        max_backoff: float = 5.0,
-    ) -> None:
-        self._conninfo = libpq_url(url)
-        self._loop = loop
-        self._wake = wake
-        self._interval = poll_interval  # how often the thread checks for stop()
-        self._min_backoff, self._max_backoff = min_backoff, max_backoff
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._queued = False
-        self._tenants: set[str] | None = set()  # for the queued wake-up; None: all
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="fieldsync-feed-listener")
-        self._thread.daemon = True  # never holds the process up at exit
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def wait_ready(self, timeout: float) -> bool:
-        """Whether the first LISTEN is in place (within `timeout` seconds)."""
-        return self._ready.wait(timeout)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    # -- the thread -------------------------------------------------------------
-
-    def _run(self) -> None:
-        backoff = self._min_backoff
-        while not self._stop.is_set():
-            try:
-                with psycopg.Connection.connect(
-                    self._conninfo,
-                    autocommit=True,
-                    application_name=LISTENER_APPLICATION_NAME,
-                    connect_timeout=5,
-                    # A peer that vanished without closing the socket is noticed.
-                    keepalives=1,
-                    keepalives_idle=30,
-                    keepalives_interval=10,
-                    keepalives_count=3,
-                ) as conn:
-                    conn.execute(f"LISTEN {FEED_CHANNEL}")
-                    if self._ready.is_set():
-                        log.info("feed listener reconnected")
-                    self._ready.set()
-                    backoff = self._min_backoff
-                    # Commits while there was no LISTEN sent nothing: look once.
-                    self._schedule_wake(None)
-                    while not self._stop.is_set():
-                        for note in conn.notifies(timeout=self._interval):
-                            self._schedule_wake(note.payload)
-            except Exception as err:  # psycopg.Error mostly; any error must not end listening
-                if self._stop.is_set():
-                    return
-                delay = backoff * random.uniform(0.5, 1.0)
-                log.warning("feed listener connection lost (%s); reconnecting in %.1fs", err, delay)
-                self._stop.wait(delay)
-                backoff = min(backoff * 2, self._max_backoff)
-
-    def _schedule_wake(self, tenant: str | None) -> None:
-        with self._lock:
-            if tenant is None:
-                self._tenants = None
-            elif self._tenants is not None:
-                self._tenants.add(tenant)
-            if self._queued:
-                return
-            self._queued = True
-        try:
-            self._loop.call_soon_threadsafe(self._wake_on_loop)
-        except RuntimeError:  # the loop is closed: the process is stopping
-            self._stop.set()
-
-    def _wake_on_loop(self) -> None:
-        # Cleared before waking: a notification that arrives from here on
-        # queues another wake-up, so none is lost.
-        with self._lock:
-            self._queued = False
-            tenants, self._tenants = self._tenants, set()
-        self._wake(None if tenants is None else frozenset(tenants))
 
 
 @dataclass(slots=True)
@@ -229,14 +110,16 @@ class PgWriteTx(SqlWriteTx):
     """A write transaction on PostgreSQL, where several instances write at once.
 
     Optimistic (the default): it reads and decides without a lock, noting
-    what it read (Expectations); its write takes the feed lock (an advisory
-    lock, held until the commit) and checks that all of that is still so,
-    or raises WriteConflict (see below for how). So batches of
-    different clients on different records decide in parallel, on several
-    instances, and queue only to write. A conflict costs a second attempt,
-    which the applier makes exclusive: the feed lock from the start, like
-    SQLite's whole-database lock. Holding the feed lock from the feed head's
-    read to the commit makes feed positions visible in their order (SPEC §6).
+    what it read (Expectations); its write locks the feed row of each tenant
+    it touches or read (in tenant order, held until the commit) and checks
+    that all it read is still so, or raises WriteConflict (see below for
+    how). So batches of different clients on different records decide in
+    parallel, on several instances, and queue only to write, behind writes
+    of the same tenant only. A conflict costs a second attempt, which the
+    applier makes exclusive: its tenants' rows locked from the start, like
+    SQLite's whole-database lock. Holding a tenant's row from taking its
+    positions to the commit makes that tenant's feed positions visible in
+    their order (SPEC §6: a cursor belongs to one tenant).
 
     The record cache is trusted only as far as the check: an optimistic
     transaction may use a cached row (a stale one fails the check); an
@@ -252,22 +135,51 @@ class PgWriteTx(SqlWriteTx):
     DUPLICATE_KEY = psycopg.errors.UniqueViolation
 
     def __init__(
-        self, conn: Connection, sql: Statements, cache: RecordCache, *, exclusive: bool
+        self,
+        conn: Connection,
+        sql: Statements,
+        cache: RecordCache,
+        *,
+        exclusive: bool,
+        tenants: Iterable[str] = (),
     ) -> None:
         self._conn = conn
         self._sql = sql
         self._cache = cache
         self._exclusive = exclusive
-        self._read = Expectations()  # what this transaction read itself
-        self._feed_locked = False
+        self._read = Expectations()  # what this transaction read (of tenants not locked yet)
+        self._read_tenants: dict[str, str] = {}  # client or conflict id read -> its tenant
+        self._locked: set[str] = set()  # the tenants whose feed rows this transaction holds
+        self._next: dict[str, int] = {}  # tenant -> the last feed position handed out
+        self._keys_claimed: list[int] = []  # record keys for this write's new records
         self._written: dict[Name, StoredRecord] = {}  # for the cache, once committed
         self._changes_filled = False  # the temporary table holds this transaction's rows
         if exclusive:
-            self._lock_feed(conn.connection.cursor())
+            named = set(tenants)
+            if not named:
+                raise ValueError("an exclusive PostgreSQL write transaction names its tenants")
+            self._lock_tenants(conn.connection.cursor(), dict.fromkeys(named, 0))
 
-    def _lock_feed(self, cur: Any) -> None:
-        cur.execute(f"SELECT pg_advisory_xact_lock({PG_FEED_LOCK})")
-        self._feed_locked = True
+    def _lock_tenants(self, cur: Any, counts: Mapping[str, int]) -> None:
+        """Lock the feed row of each tenant (in tenant order, so that two transactions
+        never wait for each other) and take `counts[tenant]` positions from it."""
+        try:
+            for tenant in sorted(counts):
+                n = counts[tenant]
+                if tenant in self._locked and not n:
+                    continue
+                cur.execute(_PG_TAKE_POSITIONS, (n, tenant))
+                row = cur.fetchone()
+                if row is None:  # the tenant's first write: its row first
+                    cur.execute(_PG_NEW_TENANT, (tenant, tenant))
+                    cur.execute(_PG_TAKE_POSITIONS, (n, tenant))
+                    row = cur.fetchone()
+                self._locked.add(tenant)
+                self._next[tenant] = int(row[0]) - n
+        except psycopg.errors.DeadlockDetected as err:
+            # Only a transaction that meets a tenant after locking a later one (several
+            # clients' writes in one transaction) can: it is decided again, exclusively.
+            raise WriteConflict("tenant feed rows locked in another order meanwhile") from err
 
     def _cached(self, name: Name) -> StoredRecord | None:
         # What this transaction wrote is exact within it (a second write of
@@ -279,6 +191,8 @@ class PgWriteTx(SqlWriteTx):
 
     def get_client(self, client_id: str) -> ClientRow | None:
         client = super().get_client(client_id)
+        if client is not None:
+            self._read_tenants.setdefault(client_id, client.tenant_id)
         self._read.clients.setdefault(client_id, client.last_seq if client else None)
         return client
 
@@ -296,16 +210,40 @@ class PgWriteTx(SqlWriteTx):
     def load_conflicts(self, tenant_id: str, ids: Iterable[str]) -> dict[str, StoredConflict]:
         found = super().load_conflicts(tenant_id, ids)
         for cid, conflict in found.items():
+            self._read_tenants.setdefault(cid, tenant_id)
             self._read.conflicts.setdefault(cid, conflict.resolved)
         return found
 
-    def _claim_feed(self, cur: Any) -> tuple[int, int]:
-        if not self._feed_locked:
-            self._lock_feed(cur)
-        cur.execute(self._sql.read_state)
-        head, keys = cur.fetchone()
-        self._head, self._keys = head, keys
-        return head, keys
+    def _claim_feed(self, cur: Any, batch: BatchWrite) -> None:
+        # Every tenant the write touches or read, each with the positions its records take.
+        counts = dict.fromkeys(self._tenants_of(batch), 0)
+        for rec in batch.records:
+            counts[rec.tenant_id] += 1
+        self._lock_tenants(cur, counts)
+        new = sum(1 for rec in batch.records if not rec.exists)
+        self._keys_claimed = []
+        if new:
+            cur.execute(_PG_TAKE_KEYS, (new,))
+            self._keys_claimed = [int(k) for (k,) in cur.fetchall()]
+
+    def _tenants_of(self, batch: BatchWrite) -> set[str]:
+        tenants = {name[0] for name in self._read.records}
+        tenants.update(self._read_tenants.values())
+        if batch.client is not None:
+            tenants.add(batch.client.tenant_id)
+        for rows in (batch.records, batch.history, batch.conflicts, batch.resolutions):
+            tenants.update(row.tenant_id for row in rows)
+        return tenants
+
+    def _position(self, tenant_id: str) -> int:
+        self._next[tenant_id] += 1
+        return self._next[tenant_id]
+
+    def _new_key(self) -> int:
+        return self._keys_claimed.pop()
+
+    def _save_feed(self, cur: Any) -> None:
+        """Nothing left to save: _lock_tenants moved each row by the positions taken."""
 
     def _expectations(self) -> Expectations | None:
         """What to check the write against (none when exclusive: nothing can differ)."""
@@ -353,13 +291,22 @@ class PgWriteTx(SqlWriteTx):
         super().write(batch)
         if batch.records:
             notify_feed(self._conn, {r.tenant_id for r in batch.records})
-        # Checked: and from here to the commit this transaction holds the feed
-        # lock, so a later write in it (another client's batch) reads under the
-        # lock. What this one read is no longer what a later one must find:
-        # this write changed it.
-        self._read = Expectations()
+        # Checked: and from here to the commit this transaction holds its tenants'
+        # feed rows, so a later write in it (another client's batch) reads those
+        # tenants under the lock. What this one read of them is no longer what a
+        # later one must find (this write changed it); what it read of any other
+        # tenant is still checked, when a later write brings that tenant in.
+        read, locked, of = self._read, self._locked, self._read_tenants
+        wrote = batch.client.client_id if batch.client is not None else None
+        self._read = Expectations(
+            clients={
+                c: seq for c, seq in read.clients.items() if c != wrote and of.get(c) not in locked
+            },
+            records={n: v for n, v in read.records.items() if n[0] not in locked},
+            conflicts={c: r for c, r in read.conflicts.items() if of.get(c) not in locked},
+        )
 
-    def _hand_over(self, written: list[StoredRecord], head: int) -> None:
+    def _hand_over(self, written: list[StoredRecord]) -> None:
         # Not before the commit: optimistic transactions read the cache without
         # the lock, and a row they saw before its commit would come without its
         # history (not visible yet), so a change by another client would look
@@ -410,6 +357,18 @@ class PgWriteTx(SqlWriteTx):
             raise WriteConflict("a record the batch rewrites was changed meanwhile")
 
 
+# Lock a tenant's feed row and move its head by n (returning the new head).
+_PG_TAKE_POSITIONS = (
+    "UPDATE tenant_feed SET feed_head = feed_head + %s WHERE tenant_id = %s RETURNING feed_head"
+)
+# A tenant's first write: its row, from its highest position (0 for a new tenant).
+_PG_NEW_TENANT = (
+    "INSERT INTO tenant_feed (tenant_id, feed_head)"
+    " SELECT %s, COALESCE(MAX(feed_seq), 0) FROM records WHERE tenant_id = %s"
+    " ON CONFLICT (tenant_id) DO NOTHING"
+)
+_PG_TAKE_KEYS = "SELECT nextval('record_keys') FROM generate_series(1, %s)"
+
 _PG_RECORD_CHANGES = (
     "CREATE TEMPORARY TABLE IF NOT EXISTS fieldsync_record_changes_2 ("
     " version BIGINT, deleted BOOLEAN, fields TEXT, field_versions TEXT,"
@@ -424,9 +383,15 @@ class _Postgres(Engine):
     combine_writes = False  # concurrent_pg: 6,500-8,000/s combined against 8,600-9,500/s not
 
     def begin(
-        self, conn: Connection, sql: Statements, cache: RecordCache, *, exclusive: bool
+        self,
+        conn: Connection,
+        sql: Statements,
+        cache: RecordCache,
+        *,
+        exclusive: bool,
+        tenants: Sequence[str] = (),
     ) -> SqlWriteTx:
-        return PgWriteTx(conn, sql, cache, exclusive=exclusive)
+        return PgWriteTx(conn, sql, cache, exclusive=exclusive, tenants=tenants)
 
     def now_ns(self) -> Any:
         # The database's clock, so instances' clocks need not agree.

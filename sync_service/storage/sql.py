@@ -6,10 +6,12 @@ so readers are never blocked) and holds the whole database: concurrent
 writers wait instead of failing or interleaving. On PostgreSQL, where several
 service instances write at once, a write transaction is optimistic (it reads
 and decides without a lock and its write checks that nothing it read has
-changed, see storage/postgres.py) or exclusive (the feed lock from the start).
-Either way the feed lock, an advisory lock held from handing out the next feed
-positions to the commit, means transactions commit in feed order, so a
-reader asking for `feed_seq > cursor` never skips a late committer. On
+changed, see storage/postgres.py) or exclusive (its tenants' feed rows
+locked from the start). Either way the tenant's feed row (`tenant_feed`, a
+row lock held from handing out the tenant's next feed positions to the
+commit) means one tenant's transactions commit in its feed order, so a reader
+of that tenant asking for `feed_seq > cursor` never skips a late committer;
+other tenants' transactions commit alongside. On
 PostgreSQL a write that moves the feed also sends a NOTIFY so other
 instances' Subscribe streams wake at once.
 
@@ -153,10 +155,14 @@ class SqlStorage:
     # -- writes ---------------------------------------------------------------
 
     @contextmanager
-    def write_transaction(self, *, exclusive: bool = False) -> Iterator[SqlWriteTx]:
+    def write_transaction(
+        self, *, exclusive: bool = False, tenants: Sequence[str] = ()
+    ) -> Iterator[SqlWriteTx]:
         try:
             with self._write.begin() as conn:
-                tx = self._engine.begin(conn, self._statements, self._cache, exclusive=exclusive)
+                tx = self._engine.begin(
+                    conn, self._statements, self._cache, exclusive=exclusive, tenants=tenants
+                )
                 yield tx
             tx.committed()
         except BaseException:

@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import BigInteger, Connection, literal
 
-from sync_service.storage.base import StoredRecord
+from sync_service.storage.base import BatchWrite, StoredRecord
 from sync_service.storage.cache import RecordCache
 from sync_service.storage.engine import Engine
 from sync_service.storage.rows import Statements, fetch
@@ -41,17 +41,32 @@ class SqliteWriteTx(SqlWriteTx):
         self._conn = conn
         self._sql = sql
         self._cache = cache
-        self._head, self._keys = fetch(conn, sql.read_state, ())[0]
+        head, keys = fetch(conn, sql.read_state, ())[0]
+        self._head, self._keys = self._start = int(head), int(keys)
         cache.begin(self._head)
 
-    def _claim_feed(self, cur: Any) -> tuple[int, int]:
-        return self._head, self._keys
+    # One global head and key counter: the transaction holds the whole database.
 
-    def _hand_over(self, written: list[StoredRecord], head: int) -> None:
+    def _claim_feed(self, cur: Any, batch: BatchWrite) -> None:
+        self._start = (self._head, self._keys)
+
+    def _position(self, tenant_id: str) -> int:
+        self._head += 1
+        return self._head
+
+    def _new_key(self) -> int:
+        self._keys += 1
+        return self._keys
+
+    def _save_feed(self, cur: Any) -> None:
+        if (self._head, self._keys) != self._start:
+            cur.execute(self._sql.write_state, (self._head, self._keys))
+
+    def _hand_over(self, written: list[StoredRecord]) -> None:
         # Now, before the commit: the transaction holds the database's write
         # lock, and only a write transaction (which waits for that lock) reads
         # the cache.
-        self._cache.committing(written, head)
+        self._cache.committing(written, self._head)
 
     def _insert_rows(self, cur: Any, table: str, rows: Sequence[Sequence[Any]]) -> None:
         cur.executemany(self._sql.inserts[table], rows)
@@ -68,9 +83,15 @@ class _Sqlite(Engine):
     combine_writes = True
 
     def begin(
-        self, conn: Connection, sql: Statements, cache: RecordCache, *, exclusive: bool
+        self,
+        conn: Connection,
+        sql: Statements,
+        cache: RecordCache,
+        *,
+        exclusive: bool,
+        tenants: Sequence[str] = (),
     ) -> SqlWriteTx:
-        return SqliteWriteTx(conn, sql, cache)  # exclusive either way
+        return SqliteWriteTx(conn, sql, cache)  # exclusive (the whole database) either way
 
     def now_ns(self) -> Any:
         return literal(time.time_ns(), BigInteger)

@@ -62,8 +62,9 @@ record_history = Table(
     Column("committed_at", BigInteger, nullable=False),
 )
 
-# One row (id 1): the feed position and the record key handed out last, both
-# moved only under the write lock.
+# SQLite: one row (id 1), the feed position and the record key handed out last,
+# both moved only under the database's write lock. PostgreSQL keeps neither here
+# (since migration 0005 the table refuses writes, to stop an older release).
 sync_state = Table(
     "sync_state",
     metadata,
@@ -80,6 +81,18 @@ served_schema = Table(
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("version", BigInteger, nullable=False),
     Column("served_at", BigInteger, nullable=False),
+)
+
+# PostgreSQL: one row per tenant, the tenant's last feed position. A write
+# transaction locks its tenants' rows (UPDATE … RETURNING, in tenant order) from
+# handing out positions to its commit, so one tenant's writes commit in feed
+# order and other tenants' commit alongside. Record keys come from the sequence
+# `record_keys`. SQLite leaves this table empty.
+tenant_feed = Table(
+    "tenant_feed",
+    metadata,
+    Column("tenant_id", String(200), primary_key=True),
+    Column("feed_head", BigInteger, nullable=False),
 )
 
 # The per-client sequence: which (tenant, sub) owns a client id, and the last

@@ -115,19 +115,30 @@ class _Reads:
 class SqlWriteTx(_Reads):
     """The reads and the write of one batch, on one connection in one transaction.
 
-    The engine's subclass (SqliteWriteTx, PgWriteTx) says where the feed head
-    comes from and under which lock, what the write checks against what the
-    batch read, how rows go in, and when the record cache gets them.
+    The engine's subclass (SqliteWriteTx, PgWriteTx) says where the feed
+    positions and record keys come from and under which lock, what the write
+    checks against what the batch read, how rows go in, and when the record
+    cache gets them.
     """
 
     # The driver's error for a primary key already taken.
     DUPLICATE_KEY: ClassVar[type[Exception]]
-    _head: int
-    _keys: int
 
-    def _claim_feed(self, cur: Any) -> tuple[int, int]:
-        """The feed head and the last record key this write goes on from, under the lock."""
+    def _claim_feed(self, cur: Any, batch: BatchWrite) -> None:
+        """Take the lock that orders this write's feed positions (held to the commit),
+        and what `_position` and `_new_key` hand out."""
         raise NotImplementedError
+
+    def _position(self, tenant_id: str) -> int:
+        """The next feed position, for a record of `tenant_id`."""
+        raise NotImplementedError
+
+    def _new_key(self) -> int:
+        """The record_key of a new record."""
+        raise NotImplementedError
+
+    def _save_feed(self, cur: Any) -> None:
+        """Store what the positions and keys handed out moved (if the claim did not)."""
 
     def _check_unwritten(self, cur: Any, batch: BatchWrite) -> None:
         """WriteConflict unless what the batch read and does not write is as it was."""
@@ -143,7 +154,7 @@ class SqlWriteTx(_Reads):
     def write(self, batch: BatchWrite) -> None:
         conn = self._conn
         cur = conn.connection.cursor()
-        head, keys = start = self._claim_feed(cur)
+        self._claim_feed(cur, batch)
         self._check_unwritten(cur, batch)
         if batch.client is not None:
             # First: another instance that applied this client's next sequence
@@ -158,7 +169,6 @@ class SqlWriteTx(_Reads):
             old_rows: list[tuple[Any, ...]] = []
             decided_on: list[int | None] = []  # the version each old row was decided on
             for rec in batch.records:
-                head += 1
                 values = (
                     rec.version,
                     rec.deleted,
@@ -169,7 +179,7 @@ class SqlWriteTx(_Reads):
                     rec.updated_by,
                     rec.last_client,
                     rec.others_version,
-                    head,
+                    self._position(rec.tenant_id),
                 )
                 name = (rec.tenant_id, rec.collection, rec.record_id)
                 if rec.exists:
@@ -180,8 +190,7 @@ class SqlWriteTx(_Reads):
                         written.append(rec)  # as stored already: the cache can share it
                         continue
                 else:
-                    keys += 1
-                    key = known[name] = keys
+                    key = known[name] = self._new_key()
                     new_rows.append((*name, key, *values))
                 written.append(replace(rec, exists=True, key=key))
             if new_rows:
@@ -208,7 +217,7 @@ class SqlWriteTx(_Reads):
                         row[0] = found[(h.tenant_id, h.collection, h.record_id)]
             self._insert(cur, "record_history", rows)
         if batch.conflicts:
-            conn.execute(conflicts.insert(), [conflict_row(c) for c in batch.conflicts])
+            self._insert(cur, "conflicts", [conflict_row(c) for c in batch.conflicts])
         if batch.resolutions:
             c = conflicts.c
             conn.execute(
@@ -246,13 +255,11 @@ class SqlWriteTx(_Reads):
                 "outbox",
                 [(e.event_id, e.tenant_id, dumps(e.payload), e.created_at) for e in batch.events],
             )
-        if (head, keys) != start:
-            cur.execute(self._sql.write_state, (head, keys))
-            self._head, self._keys = head, keys
+        self._save_feed(cur)
         cur.close()
-        self._hand_over(written, head)
+        self._hand_over(written)
 
-    def _hand_over(self, written: list[StoredRecord], head: int) -> None:
+    def _hand_over(self, written: list[StoredRecord]) -> None:
         """Give the cache the rows this transaction writes (see storage/cache.py)."""
         raise NotImplementedError
 

@@ -173,7 +173,8 @@ class Applier:
     ) -> list[list[BatchOutcome] | Exception]:
         results: list[list[BatchOutcome] | Exception] = []
         runs: list[tuple[list[BatchIn], list[BatchOutcome], list[int]]] = []
-        with self._storage.write_transaction(exclusive=exclusive) as tx:
+        tenants = sorted({principal.tenant_id for principal, _ in groups})
+        with self._storage.write_transaction(exclusive=exclusive, tenants=tenants) as tx:
             for principal, batches in groups:
                 try:
                     client = _claim_client(tx, principal, batches[0].client_id)
@@ -243,7 +244,7 @@ class Applier:
                 violations=[("resolution", "unspecified or unknown")],
             )
         # Exclusive: a conflict answer is rare and small, and must not meet another.
-        with self._storage.write_transaction(exclusive=True) as tx:
+        with self._storage.write_transaction(exclusive=True, tenants=[principal.tenant_id]) as tx:
             conflict = None
             if problem(conflict_id, MAX_CONFLICT_ID_LENGTH) is None:  # else it names none
                 conflict = tx.load_conflicts(principal.tenant_id, [conflict_id]).get(conflict_id)

@@ -19,7 +19,6 @@ No retry, combining or commit here; no SQL (storage/ has that).
 
 from __future__ import annotations
 
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -37,6 +36,8 @@ from sync_service.rules.limits import (
 )
 from sync_service.rules.merge import DELETED, Change, Decision, Op, decide
 from sync_service.rules.schema import CollectionSpec, Policy, Schema
+from sync_service.rules.textedits import invalid
+from sync_service.rules.textfields import TextEditsInvalid
 from sync_service.storage.base import (
     BatchWrite,
     ClientRow,
@@ -48,9 +49,10 @@ from sync_service.storage.base import (
     StoredResult,
     WriteTx,
 )
-from sync_service.writes.audit_events import MutationEvents
+from sync_service.writes.audit_events import MutationEvents, new_id
 from sync_service.writes.model import BatchIn, BatchOutcome, MutationIn, MutationOutcome, Status
 from sync_service.writes.results import replayed_outcome, result_payload
+from sync_service.writes.text_inputs import TextPoints, text_inputs
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class BatchRun:
     result_keys: dict[int, tuple[str, str]] = field(default_factory=dict)  # seq -> its record
     writable: dict[str, CollectionRules] = field(default_factory=dict)  # checked for the caller
     batch_first_seq: int = 0  # the first sequence the batch being applied may apply
+    text_points: TextPoints = field(default_factory=TextPoints)
     resolved_kinds: list[int] = field(default_factory=list)  # of the conflicts it answered
     audit: MutationEvents = field(init=False)
 
@@ -242,10 +245,11 @@ class BatchRun:
             )
         op = Op(m.op)  # _validate checked it
         writes: Fields = {}
-        repairs: list[Repair] = []
+        edits, base_texts, repairs = text_inputs(op, spec, m)
         if op is not Op.DELETE:
-            writes, repairs = decode_fields(spec, m.fields)
-            if m.fields and not writes:
+            writes, more = decode_fields(spec, m.fields)
+            repairs.extend(more)
+            if (m.fields or m.text_edits) and not writes and not edits:
                 return self._reject(
                     m,
                     InvalidArgument(
@@ -256,6 +260,7 @@ class BatchRun:
                 )
             if op is Op.PUT or rec.deleted:
                 present = {**(rec.fields if op is Op.PATCH else {}), **writes}
+                present.update(dict.fromkeys(edits, ""))  # written, as operations
                 defaulted = apply_defaults(spec, present)
                 repairs.extend(defaulted)
                 for r in defaulted:
@@ -264,29 +269,45 @@ class BatchRun:
                 # Replacing a record the client has seen: what it leaves out it clears.
                 # (A PUT on base 0 is a create: it says nothing of fields it leaves out.)
                 writes = {name: writes.get(name) for name in spec.fields}
+            for name in edits:
+                writes.pop(name, None)  # a PUT's "every field": these come as operations
 
         changes = [c for c in self.changes[key] if c.version > m.base_version]
-        decision = decide(
-            op,
-            writes,
-            state=rec,
-            base_version=m.base_version,
-            client_id=self.client.client_id,
-            changes=changes,
-            policies=rules.policies,
-            state_fields=rules.state_fields,
-            all_lww=rules.all_lww,
-        )
+        try:
+            decision = decide(
+                op,
+                writes,
+                state=rec,
+                base_version=m.base_version,
+                client_id=self.client.client_id,
+                changes=changes,
+                policies=rules.policies,
+                state_fields=rules.state_fields,
+                all_lww=rules.all_lww,
+                text_edits=edits,
+                base_texts=base_texts,
+                points=self.text_points.get(key, m.base_version, edits),
+            )
+        except TextEditsInvalid as e:
+            return self._reject(m, invalid(e.field, e.message), repairs)
         rec = self._stage_record(m, rec, decision)
+        self.text_points.note(key, m.base_version, decision.points, rec.version)
         outcome = MutationOutcome(m.mutation_id, m.client_seq, Status[decision.outcome.name])
         outcome.record = rec
         outcome.warnings = repairs
         outcome.duplicate_transition = bool(decision.duplicates)
+        outcome.text_overlaps = [o.field for o in decision.text_overlaps]
         if decision.collisions:
             outcome.conflict = self._stage_conflict(m, rec, decision)
         if m.resolves_conflict_id:
             self._stage_resolution(m, outcome)
-        if repairs or decision.collisions or decision.overwrites or decision.duplicates:
+        if (
+            repairs
+            or decision.collisions
+            or decision.overwrites
+            or decision.duplicates
+            or decision.text_overlaps
+        ):
             self.audit.decided(m, outcome, decision)
         return outcome
 
@@ -346,6 +367,9 @@ class BatchRun:
                 fields.pop(name, None)
             else:
                 fields[name] = value
+        for note, value in d.history_notes.items():  # SENT/OWN/DELTA + field (rules.merge)
+            if note.split(":", 1)[1] in d.updates:
+                old[note] = value
         client_id = self.client.client_id
         new = StoredRecord(
             rec.tenant_id,
@@ -384,7 +408,7 @@ class BatchRun:
     def _stage_conflict(self, m: MutationIn, rec: StoredRecord, d: Decision) -> StoredConflict:
         assert d.conflict_kind is not None
         conflict = StoredConflict(
-            conflict_id=uuid.uuid4().hex,
+            conflict_id=new_id(),
             tenant_id=self.tenant,
             collection=m.collection,
             record_id=m.record_id,

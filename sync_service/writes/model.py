@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from fieldsync.errors import FieldSyncError
+from fieldsync.textops import TextOp
 from fieldsync.values import Fields
 from sync_service.rules.decode import Repair
 from sync_service.storage.base import StoredConflict, StoredRecord
@@ -39,6 +40,10 @@ class MutationIn:
     base_fields: Fields = field(default_factory=dict)
     resolves_conflict_id: str = ""
     invalid: str = ""  # why the wire mutation cannot be read (it is rejected), if it cannot
+    # text fields sent as operations (SPEC §3); text_edits_error: why the wire's
+    # operations could not be read at all (then the mutation is rejected)
+    text_edits: dict[str, list[TextOp]] = field(default_factory=dict)
+    text_edits_error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +67,7 @@ class MutationOutcome:
     error: FieldSyncError | None = None
     duplicate_transition: bool = False
     original_status: Status = Status.UNSPECIFIED
+    text_overlaps: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -37,6 +37,8 @@ def result_payload(m: MutationIn, o: MutationOutcome, *, keyed: bool) -> dict[st
     payload: dict[str, Any] = {"s": int(o.status)}
     if o.duplicate_transition:
         payload["dt"] = True
+    if o.text_overlaps:
+        payload["to"] = o.text_overlaps
     if o.warnings:
         payload["w"] = [[str(r.code), r.field, r.message] for r in o.warnings]
     if o.error is not None:
@@ -63,6 +65,7 @@ def replayed_outcome(
     outcome.mutation_id = stored.mutation_id
     outcome.original_status = Status(p["s"])
     outcome.duplicate_transition = bool(p.get("dt"))
+    outcome.text_overlaps = list(p.get("to", []))
     outcome.warnings = [Repair(WarningCode(c), f, msg) for c, f, msg in p.get("w", [])]
     if p.get("e"):
         outcome.error = _error_from_payload(p["e"])

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 
 import grpc  # type: ignore[import-untyped, unused-ignore]  # stubs: types-grpcio
 
+from fieldsync.textops import TextOp, check_ops
 from fieldsync.values import FieldValue
 
 from ._errors import ConflictNotFound
@@ -146,12 +147,35 @@ class FieldSyncClient:
             finally:
                 self._local.depth -= 1
 
+    def edit_text(
+        self, collection: str, record_id: str, field: str, ops: Sequence[TextOp]
+    ) -> QueuedMutation:
+        """Edit a text field with operations (retain / insert / delete, in code points)
+        on its text as `get` shows it now; only the operations travel, and the server
+        merges them with others' edits, never as a conflict (SPEC §3). `diff_text(old,
+        new)` makes them from two texts. ValueError when they do not cover the text."""
+        self._check_open()
+        if not isinstance(field, str) or not field:
+            raise ValueError("field must be a non-empty string")
+        ops = list(ops)
+        current = self.get(collection, record_id) if record_id else None
+        text = current.fields.get(field) if current is not None else None
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{field} holds a {type(text).__name__}, not text")
+        check_ops(len(text or ""), ops)
+        return self._write("PATCH", collection, record_id, {}, {field: ops})
+
     def delete(self, collection: str, record_id: str) -> QueuedMutation:
         """Delete the record (the server keeps a tombstone, so others learn of it)."""
         return self._write("DELETE", collection, record_id, {})
 
     def _write(
-        self, op: Op, collection: str, record_id: str, fields: Mapping[str, FieldValue]
+        self,
+        op: Op,
+        collection: str,
+        record_id: str,
+        fields: Mapping[str, FieldValue],
+        text_edits: Mapping[str, Sequence[TextOp]] | None = None,
     ) -> QueuedMutation:
         self._check_open()
         if not isinstance(collection, str) or not collection:
@@ -160,7 +184,7 @@ class FieldSyncClient:
             raise ValueError("record_id must be a non-empty string")
         if not all(isinstance(name, str) and name for name in fields):
             raise ValueError("field names must be non-empty strings")
-        return self._store.enqueue(op, collection, record_id, fields)
+        return self._store.enqueue(op, collection, record_id, fields, text_edits=text_edits)
 
     # -- the local view -------------------------------------------------------------
 

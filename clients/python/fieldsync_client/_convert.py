@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc  # type: ignore[import-untyped, unused-ignore]  # stubs: types-grpcio
 
 from fieldsync.errors import reason_of
+from fieldsync.textops import Delete, Retain
 from fieldsync.v1 import common_pb2, sync_pb2
 from fieldsync.values import Timestamp, fields_from_proto, fields_to_proto, from_proto
 
@@ -42,6 +43,15 @@ def mutation_to_proto(m: QueuedMutation) -> sync_pb2.Mutation:
         resolves_conflict_id=m.resolves_conflict_id,
     )
     fields_to_proto(dict(m.fields), out.fields)
+    for name, ops in m.text_edits.items():
+        add = out.text_edits[name].ops.add
+        for op in ops:
+            if isinstance(op, Retain):
+                add(retain=op.n)
+            elif isinstance(op, Delete):
+                add(delete=op.n)
+            else:
+                add(insert=op.text)
     out.client_time.seconds, out.client_time.nanos = divmod(m.client_time.nanos, 1_000_000_000)
     return out
 

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from fieldsync.textops import TextOp, ops_from_json, ops_to_json
 from fieldsync.values import FieldValue, Timestamp, decode, decode_fields, encode, encode_fields
 
 from ._types import Conflict, ConflictKind, FieldConflict, Op, QueuedMutation, QueueState, Record
@@ -39,8 +40,9 @@ from ._view import ServerState, local_view
 
 __all__ = ["STORE_FORMAT", "LocalStore", "Outcome", "ResultSummary"]
 
-STORE_FORMAT = 1
-"""The layout of the file; a file of a newer format is refused, never half-understood."""
+STORE_FORMAT = 2
+"""The layout of the file; a file of a newer format is refused, never half-understood.
+2: the queue's text_edits (an older SDK would send those writes without their edits)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -69,7 +71,8 @@ CREATE TABLE IF NOT EXISTS queue (
                                  CHECK (state IN ('pending', 'rejected')),
     error                TEXT,
     reason               TEXT,
-    code                 TEXT
+    code                 TEXT,
+    text_edits           TEXT    NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS queue_by_record ON queue (collection, record_id, client_seq);
 CREATE TABLE IF NOT EXISTS conflicts (
@@ -87,7 +90,7 @@ CREATE TABLE IF NOT EXISTS conflicts (
 
 _QUEUE_COLUMNS = (
     "client_seq, mutation_id, op, collection, record_id, fields, base_version, client_time, "
-    "resolves_conflict_id, state, error, reason, code"
+    "resolves_conflict_id, state, error, reason, code, text_edits"
 )
 _CONFLICT_COLUMNS = (
     "conflict_id, kind, collection, record_id, base_version, server_version, fields, "
@@ -172,6 +175,11 @@ class LocalStore:
                     f"the local store has format {meta['format']}, newer than this SDK's "
                     f"({STORE_FORMAT}); upgrade the SDK"
                 )
+            columns = {row[1] for row in db.execute("PRAGMA table_info(queue)")}
+            if "text_edits" not in columns:  # a format 1 file
+                db.execute("ALTER TABLE queue ADD COLUMN text_edits TEXT NOT NULL DEFAULT '{}'")
+            if "format" in meta and int(meta["format"]) < STORE_FORMAT:
+                self._set_meta(db, "format", STORE_FORMAT)
             stored = meta.get("client_id")
             if stored is None:
                 stored = client_id or str(uuid.uuid4())
@@ -284,10 +292,13 @@ class LocalStore:
         *,
         base_version: int | None = None,
         resolves_conflict_id: str = "",
+        text_edits: Mapping[str, Sequence[TextOp]] | None = None,
     ) -> QueuedMutation:
         """Queue one write (its local view changes with it); returns once it is durable."""
         values = dict(fields)
         encoded = _dumps(encode_fields(values))  # a value of no known kind fails here
+        edits = {k: list(v) for k, v in (text_edits or {}).items()}
+        encoded_edits = _dumps({k: ops_to_json(v) for k, v in edits.items()})
         mutation_id = str(uuid.uuid4())
         client_time = time.time_ns()
         with self._tx() as db:
@@ -300,7 +311,7 @@ class LocalStore:
                 base_version = 0 if row is None else int(row[0])
             db.execute(
                 f"INSERT INTO queue ({_QUEUE_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', NULL, NULL, NULL)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', NULL, NULL, NULL, ?)",
                 (
                     seq,
                     mutation_id,
@@ -311,6 +322,7 @@ class LocalStore:
                     base_version,
                     client_time,
                     resolves_conflict_id,
+                    encoded_edits,
                 ),
             )
             self._set_meta(db, "next_seq", seq + 1)
@@ -325,6 +337,7 @@ class LocalStore:
             client_time=Timestamp(client_time),
             resolves_conflict_id=resolves_conflict_id,
             state="pending",
+            text_edits=edits,
         )
 
     # -- reads -----------------------------------------------------------------------
@@ -524,7 +537,7 @@ def _load_fields(text: str) -> dict[str, FieldValue]:
 
 def _queued(row: Sequence[Any]) -> QueuedMutation:
     (seq, mid, op, collection, record_id, fields, base, ctime, resolves, state) = row[:10]
-    error, reason, code = row[10:13]
+    error, reason, code, text_edits = row[10:14]
     return QueuedMutation(
         client_seq=int(seq),
         mutation_id=str(mid),
@@ -539,6 +552,7 @@ def _queued(row: Sequence[Any]) -> QueuedMutation:
         error=error,
         reason=reason,
         code=code,
+        text_edits={k: ops_from_json(v) for k, v in json.loads(text_edits).items()},
     )
 
 

@@ -6,10 +6,11 @@ bytes, `Json`, `Timestamp`), the same plain form the server works in.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
+from fieldsync.textops import TextOp
 from fieldsync.values import FieldValue, Timestamp
 
 __all__ = [
@@ -65,6 +66,8 @@ class QueuedMutation:
     """Rejected: the server's stable reason code (e.g. "UNKNOWN_COLLECTION")."""
     code: str | None = None
     """Rejected: the gRPC status code's name (e.g. "INVALID_ARGUMENT")."""
+    text_edits: Mapping[str, Sequence[TextOp]] = field(default_factory=dict)
+    """Text fields written as operations (see `FieldSyncClient.edit_text`)."""
 
 
 @dataclass(frozen=True)

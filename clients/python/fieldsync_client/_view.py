@@ -9,8 +9,10 @@ the way the server will apply them, with nothing to recompute or undo.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 
+from fieldsync.textops import TextOpsError, apply_ops
 from fieldsync.values import Fields, FieldValue
 
 from ._types import QueuedMutation, Record
@@ -38,7 +40,8 @@ def local_view(
     """The record as the user sees it, or None when neither side knows it.
 
     `pending` are the record's queued (not rejected) writes in client_seq
-    order. They are applied as the server applies an uncontested write: a PUT
+    order. They are applied as the server applies an uncontested write (text
+    operations to the field's text as it is by then): a PUT
     replaces the fields, a PATCH sets the fields it names (None clears one),
     both revive a deleted record, a DELETE leaves a tombstone that keeps its
     fields. What the server may do differently (merge with others' edits,
@@ -60,6 +63,12 @@ def local_view(
                 fields.pop(name, None)
             else:
                 fields[name] = value
+        for name, ops in m.text_edits.items():
+            text = fields.get(name)
+            # When the server's text moved under the queued edit (a result arrived for an
+            # earlier write), its merge shows after the sync rather than a misplaced guess.
+            with suppress(TextOpsError):
+                fields[name] = apply_ops(text if isinstance(text, str) else "", ops)
         deleted = False
     return Record(
         collection=collection,

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import IO, Any
 
+from fieldsync.textops import Delete, Insert, Retain, TextOp, normalize, ops_to_json
 from fieldsync.values import FieldValue, Json, to_display
 
 from . import (
@@ -130,6 +131,20 @@ def _parser() -> argparse.ArgumentParser:
     p = command("delete", "delete locally and queue a DELETE; works offline")
     p.add_argument("collection", metavar="COLLECTION")
     p.add_argument("record_id", metavar="ID")
+    p = command(
+        "edit",
+        "edit a text field locally and queue only the edit (operations); works offline",
+    )
+    p.add_argument("collection", metavar="COLLECTION")
+    p.add_argument("record_id", metavar="ID")
+    p.add_argument("field", metavar="FIELD")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--insert", nargs=2, metavar=("POS", "TEXT"), help="insert TEXT at code point POS"
+    )
+    how.add_argument(
+        "--delete", nargs=2, metavar=("POS", "COUNT"), help="delete COUNT code points at POS"
+    )
     p = command("get", "print the local view of a record, queued writes included")
     p.add_argument("collection", metavar="COLLECTION")
     p.add_argument("record_id", metavar="ID")
@@ -188,6 +203,11 @@ def _queued_json(m: QueuedMutation) -> dict[str, Any]:
         "state": m.state,
         "error": m.error,
         "reason": m.reason,
+        **(
+            {"text_edits": {k: ops_to_json(v) for k, v in m.text_edits.items()}}
+            if m.text_edits
+            else {}
+        ),
     }
 
 
@@ -281,6 +301,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(err, EXIT_ERROR, queue_kept=False)
 
 
+def _edit(args: argparse.Namespace, client: FieldSyncClient) -> None:
+    rec = client.get(args.collection, args.record_id)
+    text = rec.fields.get(args.field) if rec is not None else None
+    length = len(text) if isinstance(text, str) else 0
+    pos_text, arg = args.insert if args.insert else args.delete
+    try:
+        pos = int(pos_text)
+        count = 0 if args.insert else int(arg)
+    except ValueError:
+        raise ValueError("POS and COUNT are whole numbers") from None
+    if not 0 <= pos <= length or count < 0 or pos + count > length:
+        raise ValueError(f"{args.field} has {length} code points; POS/COUNT fall outside it")
+    middle: list[TextOp] = [Insert(arg)] if args.insert else [Delete(count)]
+    ops = [Retain(pos), *middle, Retain(length - pos - count)]
+    client.edit_text(args.collection, args.record_id, args.field, normalize(ops))
+
+
 def _fail(err: BaseException, status: int, *, queue_kept: bool) -> int:
     kept = " (the queue is kept)" if queue_kept else ""
     print(f"fieldsync-client: error: {err}{kept}", file=sys.stderr)
@@ -295,6 +332,8 @@ def _run(args: argparse.Namespace, client: FieldSyncClient, fields: dict[str, Fi
         client.patch(args.collection, args.record_id, fields)
     elif command == "delete":
         client.delete(args.collection, args.record_id)
+    elif command == "edit":
+        _edit(args, client)
     elif command == "get":
         rec = client.get(args.collection, args.record_id)
         if rec is None:

@@ -39,6 +39,8 @@ export interface TokenClaims {
   roles?: string[];
   /** Seconds from now; negative: already expired. */
   expiresIn?: number;
+  /** Default `fieldsync` (users); `fieldsync-service` for the sync service's own calls. */
+  aud?: string;
   secret?: string;
 }
 
@@ -51,7 +53,7 @@ export function token(c: TokenClaims): string {
       sub: c.sub,
       tenant_id: c.tenant,
       roles: c.roles ?? [],
-      aud: "fieldsync",
+      aud: c.aud ?? "fieldsync",
       iat: now,
       exp: now + (c.expiresIn ?? 3600),
     }),

@@ -305,7 +305,8 @@ describe("audit service", () => {
   test("RecordEvents (service role), QueryEvents and TailEvents (auditor)", async () => {
     const service = new AuditClient({
       address: S.audit.address,
-      token: () => token({ tenant: "acme", sub: "sync", roles: ["fieldsync:service"] }),
+      // RecordEvents takes service tokens only: the service audience and role.
+      token: () => token({ tenant: "acme", sub: "sync", roles: ["fieldsync:service"], aud: "fieldsync-service" }),
     });
     const abort = new AbortController();
     const tail = auditor().tailEvents({ kinds: [AuditEventKind.LWW_OVERWRITE], signal: abort.signal });
