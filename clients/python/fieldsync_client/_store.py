@@ -35,6 +35,7 @@ from typing import Any
 from fieldsync.textops import TextOp, ops_from_json, ops_to_json
 from fieldsync.values import FieldValue, Timestamp, decode, decode_fields, encode, encode_fields
 
+from ._compact import rebuilt
 from ._types import Conflict, ConflictKind, FieldConflict, Op, QueuedMutation, QueueState, Record
 from ._view import ServerState, local_view
 
@@ -130,6 +131,9 @@ class Outcome:
     code: str | None = None
     warnings: int = 0
     """Validation warnings the server reported (SPEC §4: a value coerced, a field dropped...)."""
+    fields_left_out: bool = False
+    """A compact result (SyncHello.compact_results): `record` has the version, not the
+    fields; they are rebuilt from the queued mutation (_compact.rebuilt)."""
 
 
 @dataclass
@@ -140,6 +144,11 @@ class ResultSummary:
     warnings: int = 0
     new_conflicts: list[Conflict] = field(default_factory=list)
     renumbered: int = 0
+    rebuilt: int = 0
+    """Compact results whose record was rebuilt here (_compact.rebuilt)."""
+    unknown_records: list[tuple[str, str]] = field(default_factory=list)
+    """(collection, record_id) of compact results whose fields could not be rebuilt
+    here: the caller fetches those records from the server."""
 
 
 def _dumps(value: Any) -> str:
@@ -436,13 +445,15 @@ class LocalStore:
                 summary.statuses[o.status] += 1
                 summary.warnings += o.warnings
                 row = db.execute(
-                    "SELECT mutation_id, resolves_conflict_id FROM queue WHERE client_seq = ?",
-                    (o.client_seq,),
+                    f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE client_seq = ?", (o.client_seq,)
                 ).fetchone()
+                record = o.record
+                if record is not None and o.fields_left_out:
+                    record = self._rebuilt(db, row, o, record, summary)
                 if row is not None:
-                    self._settle(db, o, row[0], row[1], summary)
-                if o.record is not None:
-                    _upsert_record(db, o.record)
+                    self._settle(db, o, row[1], row[8], summary)
+                if record is not None:
+                    _upsert_record(db, record)
                 if o.conflict is not None:
                     if o.conflict_resolved:
                         db.execute(
@@ -454,6 +465,32 @@ class LocalStore:
                         if o.status == "CONFLICT":
                             summary.new_conflicts.append(o.conflict)
         return summary
+
+    def _rebuilt(
+        self,
+        db: sqlite3.Connection,
+        row: Sequence[Any] | None,
+        o: Outcome,
+        answered: ServerState,
+        summary: ResultSummary,
+    ) -> ServerState | None:
+        """A compact result's record from the queued mutation and the last server state;
+        None (and the record listed in summary.unknown_records) when it cannot be."""
+        key = (answered.collection, answered.record_id)
+        m = _queued(row) if row is not None else None
+        if m is not None and m.mutation_id == o.mutation_id and (m.collection, m.record_id) == key:
+            held = db.execute(
+                "SELECT version, deleted, fields FROM records "
+                "WHERE collection = ? AND record_id = ?",
+                key,
+            ).fetchone()
+            server = _server_state(*key, *held) if held is not None else None
+            built = rebuilt(server, m, answered)
+            if built is not None:
+                summary.rebuilt += 1
+                return built
+        summary.unknown_records.append(key)
+        return None
 
     def _settle(
         self,
@@ -491,6 +528,12 @@ class LocalStore:
             # The server closes a conflict with the first answer it applies,
             # whatever that answer's own outcome.
             db.execute("DELETE FROM conflicts WHERE conflict_id = ?", (resolves,))
+
+    def save_fetched(self, records: Sequence[ServerState]) -> None:
+        """Store server states read with GetRecords (the feed cursor stays where it is)."""
+        with self._tx() as db:
+            for rec in records:
+                _upsert_record(db, rec)
 
     def save_pulled(self, records: Sequence[ServerState], cursor: str) -> None:
         """Store one page of the change feed and the cursor after it, together."""

@@ -17,7 +17,7 @@ from fieldsync.values import Fields, FieldValue
 
 from ._types import QueuedMutation, Record
 
-__all__ = ["ServerState", "local_view"]
+__all__ = ["ServerState", "local_view", "set_fields"]
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,7 @@ def local_view(
             continue
         if m.op == "PUT":
             fields = {}
-        for name, value in m.fields.items():
-            if value is None:
-                fields.pop(name, None)
-            else:
-                fields[name] = value
+        set_fields(fields, m.fields)
         for name, ops in m.text_edits.items():
             text = fields.get(name)
             # When the server's text moved under the queued edit (a result arrived for an
@@ -78,3 +74,12 @@ def local_view(
         fields=fields,
         pending=len(pending),
     )
+
+
+def set_fields(fields: Fields, values: Mapping[str, FieldValue | None]) -> None:
+    """Write a mutation's field values into `fields`, as the server does (None clears one)."""
+    for name, value in values.items():
+        if value is None:
+            fields.pop(name, None)
+        else:
+            fields[name] = value
