@@ -49,6 +49,10 @@ def _queued(op: str, fields: dict[str, object], base: int, **kw: object) -> Queu
     )
 
 
+def replace_version(state: ServerState, version: int) -> ServerState:
+    return dataclasses.replace(state, version=version)
+
+
 def test_rebuilt_applies_the_write_as_the_server_does() -> None:
     held = ServerState("tasks", "r", 3, False, {"title": "T", "status": "todo", "estimate": 2})
     answer = ServerState("tasks", "r", 4, False, {})
@@ -65,7 +69,9 @@ def test_rebuilt_applies_the_write_as_the_server_does() -> None:
     )
     assert typed is not None and typed.fields["title"] == "T!"
     # Not the state the server applied it to: unknown here, never a guess.
-    later = dataclasses.replace(answer, version=6)
+    unchanged = rebuilt(held, _queued("PATCH", {"status": "todo"}, 3), replace_version(answer, 3))
+    assert unchanged == held  # it changed nothing: the version stays
+    later = replace_version(answer, 6)
     assert rebuilt(held, _queued("PATCH", {"status": "done"}, 3), later) is None
     bad_ops = _queued("PATCH", {}, 3, text_edits={"title": [Retain(5)]})
     assert rebuilt(held, bad_ops, answer) is None

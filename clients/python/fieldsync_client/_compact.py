@@ -8,7 +8,8 @@ plus the mutation's own writes, applied the way the server applies them
 a PUT on base 0 (a create) and a PATCH set the fields they name (None clears
 one), text operations apply to the field's text, a DELETE keeps the fields.
 
-A pure function of plain values. It answers None when the client does not
+A mutation that changed nothing leaves the version as it was, and the fields
+as the client holds them. A pure function of plain values. It answers None when the client does not
 hold the state the server applied the mutation to (its last server state is
 not the version just before the answer's): then the caller asks the server
 for the record instead of guessing.
@@ -30,6 +31,8 @@ def rebuilt(
 ) -> ServerState | None:
     """The record after `m`, at the answer's version; None if it cannot be known here."""
     held = server.version if server is not None else 0
+    if server is not None and answered.version == held:
+        return ServerState(m.collection, m.record_id, held, answered.deleted, dict(server.fields))
     if answered.version != held + 1:
         return None
     fields: Fields = dict(server.fields) if server is not None else {}
