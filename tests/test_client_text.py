@@ -129,3 +129,34 @@ def _body(c: FieldSyncClient) -> str:
     body = rec.fields["body"]
     assert isinstance(body, str)
     return body
+
+
+def test_compact_answers_leave_the_server_state_the_server_holds(
+    tmp_path: Path, sync_env: SyncEnv
+) -> None:
+    """The SDK asks for compact results: an APPLIED answer comes without the record's
+    fields (a keystroke on a big page does not bring the page back), and the SDK stores
+    the state it held with the edit applied: the server's, before any pull."""
+    ann = open_client(tmp_path / "ann.db", sync_env.address, sub="ann", batch_size=1)
+    with ann:
+        ann.put("pages", "p", {"title": "t", "body": "a" * 50_000})
+        ann.sync()
+        ann.edit_text("pages", "p", "body", [Retain(10), Insert("é🎉"), Retain(49_990)])
+        ann.patch("pages", "p", {"title": "t2"})
+        ann.edit_text("pages", "p", "body", [Delete(3), Retain(49_999)])
+        stored: list[tuple[int, dict[str, object]]] = []
+
+        def held(done: int, total: int) -> None:
+            db = sqlite3.connect(tmp_path / "ann.db")
+            version, fields = db.execute(
+                "SELECT version, fields FROM records WHERE record_id = 'p'"
+            ).fetchone()
+            db.close()
+            stored.append((version, json.loads(fields)))
+
+        ann.sync(progress=held)
+        server = sync_env.client(sub="carl").get("p", collection="pages")
+        assert server is not None
+        assert stored[-1] == (server.version, plain(server))
+        assert [v for v, _ in stored] == [2, 3, 4]
+        assert stored[0][1]["body"] == "a" * 10 + "é🎉" + "a" * 49_990

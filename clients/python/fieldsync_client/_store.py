@@ -32,7 +32,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fieldsync.textops import TextOp, ops_from_json, ops_to_json
@@ -134,6 +134,9 @@ class Outcome:
     code: str | None = None
     warnings: int = 0
     """Validation warnings the server reported (SPEC §4: a value coerced, a field dropped...)."""
+    compact: bool = False
+    """`record` came without its fields: an APPLIED answer on a compact stream, whose
+    fields are the server state this client held with the mutation applied."""
 
 
 @dataclass
@@ -462,10 +465,14 @@ class LocalStore:
                     f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE client_seq = ?",
                     (o.client_seq,),
                 ).fetchone()
-                if row is not None:
-                    self._settle(db, o, _queued(row), summary)
-                if o.record is not None:
-                    _upsert_record(db, o.record)
+                queued = _queued(row) if row is not None else None
+                if queued is not None:
+                    self._settle(db, o, queued, summary)
+                record = o.record
+                if record is not None and o.compact:
+                    record = _filled(db, record, queued)
+                if record is not None:
+                    _upsert_record(db, record)
                 if o.conflict is not None:
                     if o.conflict_resolved:
                         db.execute(
@@ -576,6 +583,26 @@ def _queued(row: Sequence[Any]) -> QueuedMutation:
         code=code,
         text_edits={k: ops_from_json(v) for k, v in json.loads(text_edits).items()},
     )
+
+
+def _filled(
+    db: sqlite3.Connection, rec: ServerState, m: QueuedMutation | None
+) -> ServerState | None:
+    """A compact APPLIED answer's record with its fields: the server state held before,
+    with `m` applied as the server applied it (nobody else changed the record since
+    its base). None when that state is not the one just before (a pull brings it)."""
+    row = db.execute(
+        "SELECT version, deleted, fields FROM records WHERE collection = ? AND record_id = ?",
+        (rec.collection, rec.record_id),
+    ).fetchone()
+    before = None if row is None else _server_state(rec.collection, rec.record_id, *row)
+    held = before.version if before is not None else 0
+    if before is not None and rec.version == held:
+        return replace(rec, fields=before.fields)  # it changed nothing
+    if m is None or rec.version != held + 1:
+        return None
+    view = local_view(rec.collection, rec.record_id, before, [m])
+    return replace(rec, fields=view.fields) if view is not None else None
 
 
 def _upsert_record(db: sqlite3.Connection, rec: ServerState) -> None:
