@@ -13,10 +13,17 @@ import random
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
+from fieldsync.auth import Principal
 from fieldsync.textops import Delete, Insert, Retain, TextOp, apply_ops, ops_from_json
-from fieldsync.values import decode
+from fieldsync.values import FieldValue, decode
 from sync_service.config import SyncConfig
+from sync_service.rules.merge import Op
+from sync_service.schema_file import DEFAULT_SCHEMA_PATH, load_schema
+from sync_service.storage.sql import SqlStorage
+from sync_service.writes.applier import Applier
+from sync_service.writes.model import BatchIn, MutationIn, Status
 from tests.conftest import make_config, running_sync
 from tests.support import Client, S, SyncEnv, plain
 from tests.test_text_fields import edit, page, with_edits
@@ -186,3 +193,52 @@ def test_pruned_history_turns_text_edits_on_a_lost_base_into_durable_audited_con
     assert set(surfaced) == {mine_id, cy_mutation}
     assert surfaced[cy_mutation]["field"] == "body"
     assert decode(surfaced[cy_mutation]["details"]["yours"]) == "one two three!"
+
+
+# --- on both engines ---------------------------------------------------------------------
+
+
+class _Writer:
+    """One client's mutations through the real applier on one storage."""
+
+    def __init__(self, applier: Applier, sub: str) -> None:
+        self.applier, self.who, self.seq = applier, Principal(sub, "acme", frozenset()), 0
+
+    def send(self, base: int, *, ops: list[TextOp] | None = None, **fields: FieldValue) -> Any:
+        self.seq += 1
+        m = MutationIn(
+            f"{self.who.sub}-{self.seq}",
+            self.seq,
+            int(Op.PUT if base == 0 else Op.PATCH),  # as the wire has it
+            "pages",
+            "p",
+            dict(fields),
+            base,
+            text_edits={"body": ops} if ops else {},
+        )
+        (out,) = self.applier.apply_batch(self.who, BatchIn(self.who.sub, 3, [m])).results
+        return out
+
+
+def test_the_text_an_edit_left_and_pruned_history_hold_on_both_engines(storage_url: str) -> None:
+    storage = SqlStorage(storage_url, sqlite_synchronous="NORMAL")
+    try:
+        storage.migrate()
+        applier = Applier(storage, load_schema(DEFAULT_SCHEMA_PATH))
+        ann, bob = _Writer(applier, "ann"), _Writer(applier, "bob")
+        assert ann.send(0, title="t", body="one two three").status is Status.APPLIED
+        assert bob.send(1, ops=[Retain(4), Delete(4), Retain(5)]).record.version == 2
+        # Ann made the same deletion offline: it changes nothing on the server ...
+        same = ann.send(1, ops=[Retain(4), Delete(4), Retain(5)])
+        assert (same.status, same.record.version) == (Status.MERGED, 2)
+        # ... and her next edit, in a later transaction, is on the text it left her.
+        nxt = ann.send(1, ops=[Retain(9), Insert("!")])
+        assert nxt.status is Status.MERGED, nxt.error
+        assert nxt.record.fields["body"] == "one three!"
+        assert storage.prune_history(time.time_ns() + 1) == 3
+        late = bob.send(2, ops=[Insert("> "), Retain(9)])  # on a base that is gone
+        assert late.status is Status.CONFLICT
+        assert late.record.fields["body"] == "one three!"
+        assert storage.prune_history(time.time_ns() + 1) == 0
+    finally:
+        storage.close()
