@@ -81,7 +81,9 @@ def conflict_from_proto(c: sync_pb2.Conflict) -> Conflict:
     )
 
 
-def outcome_from_proto(r: sync_pb2.MutationResult) -> Outcome:
+def outcome_from_proto(r: sync_pb2.MutationResult, *, compact: bool = False) -> Outcome:
+    """`compact`: the stream asked for compact results (an APPLIED one without warnings
+    carries its record without the fields, SyncHello.compact_results)."""
     error = reason = code = None
     if r.HasField("error"):
         error = r.error.message or "rejected by the server"
@@ -101,4 +103,5 @@ def outcome_from_proto(r: sync_pb2.MutationResult) -> Outcome:
         reason=reason,
         code=code,
         warnings=len(r.warnings),
+        compact=compact and r.status == sync_pb2.MUTATION_STATUS_APPLIED and not r.warnings,
     )

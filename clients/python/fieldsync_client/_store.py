@@ -6,6 +6,9 @@
     queue      the client's mutations: `pending` until the server answers,
                `rejected` (with the server's reason) when it never can apply
     conflicts  the open conflicts this client knows of
+    text_bases per record and text field with queued operations, the text the
+               first of them applies to (the local view composes them on it and
+               shows them on the server's latest text, see _view.py)
 
 The local view (what `get` shows) is derived from `records` and the pending
 part of `queue` (see _view.py), so a write is durable and visible the moment
@@ -29,12 +32,13 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fieldsync.textops import TextOp, ops_from_json, ops_to_json
 from fieldsync.values import FieldValue, Timestamp, decode, decode_fields, encode, encode_fields
 
+from . import _text_bases as text_bases
 from ._types import Conflict, ConflictKind, FieldConflict, Op, QueuedMutation, QueueState, Record
 from ._view import ServerState, local_view
 
@@ -130,6 +134,9 @@ class Outcome:
     code: str | None = None
     warnings: int = 0
     """Validation warnings the server reported (SPEC §4: a value coerced, a field dropped...)."""
+    compact: bool = False
+    """`record` came without its fields: an APPLIED answer on a compact stream, whose
+    fields are the server state this client held with the mutation applied."""
 
 
 @dataclass
@@ -167,7 +174,7 @@ class LocalStore:
     def _init(self, client_id: str | None) -> str:
         with self._tx() as db:
             # Statement by statement: executescript() would commit this transaction.
-            for statement in filter(str.strip, _SCHEMA.split(";")):
+            for statement in filter(str.strip, (_SCHEMA + text_bases.SCHEMA).split(";")):
                 db.execute(statement)
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
             if int(meta.get("format", STORE_FORMAT)) > STORE_FORMAT:
@@ -303,6 +310,9 @@ class LocalStore:
         client_time = time.time_ns()
         with self._tx() as db:
             seq = int(self._meta(db, "next_seq"))
+            if edits and text_bases.missing(db, collection, record_id, edits):
+                shown = self._view(db, collection, record_id)
+                text_bases.note(db, shown, collection, record_id, edits)
             if base_version is None:
                 row = db.execute(
                     "SELECT version FROM records WHERE collection = ? AND record_id = ?",
@@ -340,22 +350,31 @@ class LocalStore:
             text_edits=edits,
         )
 
+    def _pending_of(
+        self, db: sqlite3.Connection, collection: str, record_id: str
+    ) -> list[QueuedMutation]:
+        rows = db.execute(
+            f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE collection = ? AND record_id = ? "
+            "AND state = 'pending' ORDER BY client_seq",
+            (collection, record_id),
+        ).fetchall()
+        return [_queued(r) for r in rows]
+
+    def _view(self, db: sqlite3.Connection, collection: str, record_id: str) -> Record | None:
+        row = db.execute(
+            "SELECT version, deleted, fields FROM records WHERE collection = ? AND record_id = ?",
+            (collection, record_id),
+        ).fetchone()
+        pending = self._pending_of(db, collection, record_id)
+        bases = text_bases.of_record(db, collection, record_id)
+        server = None if row is None else _server_state(collection, record_id, *row)
+        return local_view(collection, record_id, server, pending, bases)
+
     # -- reads -----------------------------------------------------------------------
 
     def get(self, collection: str, record_id: str) -> Record | None:
         with self._read() as db:
-            row = db.execute(
-                "SELECT version, deleted, fields FROM records "
-                "WHERE collection = ? AND record_id = ?",
-                (collection, record_id),
-            ).fetchone()
-            pending = db.execute(
-                f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE collection = ? AND record_id = ? "
-                "AND state = 'pending' ORDER BY client_seq",
-                (collection, record_id),
-            ).fetchall()
-        server = None if row is None else _server_state(collection, record_id, *row)
-        return local_view(collection, record_id, server, [_queued(r) for r in pending])
+            return self._view(db, collection, record_id)
 
     def query(self, collection: str, *, include_deleted: bool = False) -> list[Record]:
         with self._read() as db:
@@ -368,6 +387,7 @@ class LocalStore:
                 "ORDER BY client_seq",
                 (collection,),
             ).fetchall()
+            bases = text_bases.of_collection(db, collection)
         servers = {r[0]: _server_state(collection, *r) for r in rows}
         pending: dict[str, list[QueuedMutation]] = defaultdict(list)
         for r in pending_rows:
@@ -375,7 +395,13 @@ class LocalStore:
             pending[m.record_id].append(m)
         out = []
         for record_id in sorted(servers.keys() | pending.keys()):
-            rec = local_view(collection, record_id, servers.get(record_id), pending[record_id])
+            rec = local_view(
+                collection,
+                record_id,
+                servers.get(record_id),
+                pending[record_id],
+                bases.get(record_id),
+            )
             if rec is not None and (include_deleted or not rec.deleted):
                 out.append(rec)
         return out
@@ -436,13 +462,17 @@ class LocalStore:
                 summary.statuses[o.status] += 1
                 summary.warnings += o.warnings
                 row = db.execute(
-                    "SELECT mutation_id, resolves_conflict_id FROM queue WHERE client_seq = ?",
+                    f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE client_seq = ?",
                     (o.client_seq,),
                 ).fetchone()
-                if row is not None:
-                    self._settle(db, o, row[0], row[1], summary)
-                if o.record is not None:
-                    _upsert_record(db, o.record)
+                queued = _queued(row) if row is not None else None
+                if queued is not None:
+                    self._settle(db, o, queued, summary)
+                record = o.record
+                if record is not None and o.compact:
+                    record = _filled(db, record, queued)
+                if record is not None:
+                    _upsert_record(db, record)
                 if o.conflict is not None:
                     if o.conflict_resolved:
                         db.execute(
@@ -456,13 +486,9 @@ class LocalStore:
         return summary
 
     def _settle(
-        self,
-        db: sqlite3.Connection,
-        o: Outcome,
-        mutation_id: str,
-        resolves: str,
-        summary: ResultSummary,
+        self, db: sqlite3.Connection, o: Outcome, m: QueuedMutation, summary: ResultSummary
     ) -> None:
+        mutation_id, resolves = m.mutation_id, m.resolves_conflict_id
         if o.status == "DUPLICATE" and o.mutation_id and o.mutation_id != mutation_id:
             # The server applied another mutation under this sequence: a copy of
             # this file (a restored backup) used it. Ours never reached the
@@ -475,6 +501,9 @@ class LocalStore:
         rejected = o.status == "REJECTED" or (
             o.status == "DUPLICATE" and o.original_status == "REJECTED"
         )
+        if m.state == "pending" and (rejected or o.status in _DELIVERED):
+            later = self._pending_of(db, m.collection, m.record_id)
+            text_bases.advance(db, m, [q for q in later if q.client_seq != m.client_seq])
         if rejected:
             db.execute(
                 "UPDATE queue SET state = 'rejected', error = ?, reason = ?, code = ? "
@@ -554,6 +583,26 @@ def _queued(row: Sequence[Any]) -> QueuedMutation:
         code=code,
         text_edits={k: ops_from_json(v) for k, v in json.loads(text_edits).items()},
     )
+
+
+def _filled(
+    db: sqlite3.Connection, rec: ServerState, m: QueuedMutation | None
+) -> ServerState | None:
+    """A compact APPLIED answer's record with its fields: the server state held before,
+    with `m` applied as the server applied it (nobody else changed the record since
+    its base). None when that state is not the one just before (a pull brings it)."""
+    row = db.execute(
+        "SELECT version, deleted, fields FROM records WHERE collection = ? AND record_id = ?",
+        (rec.collection, rec.record_id),
+    ).fetchone()
+    before = None if row is None else _server_state(rec.collection, rec.record_id, *row)
+    held = before.version if before is not None else 0
+    if before is not None and rec.version == held:
+        return replace(rec, fields=before.fields)  # it changed nothing
+    if m is None or rec.version != held + 1:
+        return None
+    view = local_view(rec.collection, rec.record_id, before, [m])
+    return replace(rec, fields=view.fields) if view is not None else None
 
 
 def _upsert_record(db: sqlite3.Connection, rec: ServerState) -> None:

@@ -160,6 +160,7 @@ def _push_once(
             client_id=settings.client_id,
             schema_version=settings.schema_version,
             pending_mutations=pending,
+            compact_results=True,  # an APPLIED answer's fields are ours: not sent back
         )
         if oldest is not None:
             hello.oldest_pending_time.FromNanoseconds(oldest)
@@ -232,7 +233,7 @@ def _deliver_from(
             raise SyncError("sync: the server sent something other than a batch result")
         result = response.result
         sent = in_flight.popleft()
-        summary = store.apply_results([outcome_from_proto(r) for r in result.results])
+        summary = store.apply_results([outcome_from_proto(r, compact=True) for r in result.results])
         counters.add(summary)
         if len(result.results) < sent:
             # A gap: the batches still in flight are answered short too; once
