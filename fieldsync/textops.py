@@ -33,6 +33,7 @@ __all__ = [
     "normalize",
     "ops_from_json",
     "ops_to_json",
+    "transform",
 ]
 
 
@@ -168,6 +169,44 @@ def compose(first: Sequence[TextOp], then: Sequence[TextOp]) -> list[TextOp]:
             i, a_left = i + 1, 0
         if k == yn:
             j, b_left = j + 1, 0
+    return normalize(out)
+
+
+def transform(ops: Sequence[TextOp], over: Sequence[TextOp]) -> list[TextOp]:
+    """``ops`` rewritten to apply after ``over``, both edits of one text (``[]``: no
+    change): what ``over`` deleted is gone from ``ops`` too, what it inserted is kept,
+    and two insertions at one place come ``over``'s first (the server's order: theirs,
+    the earlier arrival, first). TextOpsError when they are not edits of one text."""
+    if not over:
+        return list(ops)
+    if not ops:
+        return []
+    out: list[TextOp] = []
+    a, b = list(ops), list(over)
+    i = j = 0
+    a_used = b_used = 0  # how much of a[i] / b[j] (a retain or delete) is done
+    while i < len(a) or j < len(b):
+        x = a[i] if i < len(a) else None
+        y = b[j] if j < len(b) else None
+        if isinstance(y, Insert):
+            out.append(Retain(len(y.text)))
+            j += 1
+            continue
+        if isinstance(x, Insert):
+            out.append(x)
+            i += 1
+            continue
+        if x is None or y is None:
+            raise TextOpsError("the two edits are not of one text")
+        k = min(x.n - a_used, y.n - b_used)
+        if isinstance(y, Retain):
+            out.append(Retain(k) if isinstance(x, Retain) else Delete(k))
+        # (over deleted these: nothing of them is left for ops to keep or delete)
+        a_used, b_used = a_used + k, b_used + k
+        if a_used == x.n:
+            i, a_used = i + 1, 0
+        if b_used == y.n:
+            j, b_used = j + 1, 0
     return normalize(out)
 
 

@@ -54,6 +54,16 @@ class SyncConfig:
     record_cache: int = 10_000
     """FIELDSYNC_RECORD_CACHE: committed records kept in memory between write
     transactions (about 2 KB each; 0 turns the cache off). See storage/cache.py."""
+    history_retention_seconds: float = 0.0
+    """FIELDSYNC_HISTORY_RETENTION_SECONDS: how long the values a record's versions replaced
+    are kept (SPEC §1); the service prunes older ones every
+    FIELDSYNC_HISTORY_PRUNE_INTERVAL. A write on a base older than that (an offline client
+    back after longer) cannot know what changed since: every field changed on the server
+    since becomes a conflict (a text field's too), never a silent overwrite. 0: kept
+    forever."""
+    history_prune_interval_seconds: float = 3600.0
+    """FIELDSYNC_HISTORY_PRUNE_INTERVAL: seconds between two prunes of history older than
+    FIELDSYNC_HISTORY_RETENTION_SECONDS (each scans the history table once)."""
     relay_batch_size: int = 500
     """FIELDSYNC_AUDIT_RELAY_BATCH: audit events a RecordEvents call."""
     relay_max_backoff_seconds: float = 15.0
@@ -183,6 +193,12 @@ class SyncConfig:
             ),
             db_pool_size=number("FIELDSYNC_DB_POOL_SIZE", d.db_pool_size),
             record_cache=number("FIELDSYNC_RECORD_CACHE", d.record_cache),
+            history_retention_seconds=number(
+                "FIELDSYNC_HISTORY_RETENTION_SECONDS", d.history_retention_seconds, float
+            ),
+            history_prune_interval_seconds=number(
+                "FIELDSYNC_HISTORY_PRUNE_INTERVAL", d.history_prune_interval_seconds, float
+            ),
             relay_batch_size=number("FIELDSYNC_AUDIT_RELAY_BATCH", d.relay_batch_size),
             relay_max_backoff_seconds=number(
                 "FIELDSYNC_AUDIT_RELAY_MAX_BACKOFF", d.relay_max_backoff_seconds, float

@@ -32,6 +32,7 @@ from sync_service.config import SyncConfig
 from sync_service.feed import ChangeNotifier
 from sync_service.relay import HEALTH_NAME as RELAY_HEALTH_NAME
 from sync_service.relay import AuditRelay, ServiceToken
+from sync_service.retention import prune_history
 from sync_service.schema_file import load_schema
 from sync_service.storage.engine import ChangeListener
 from sync_service.storage.sql import SqlStorage
@@ -55,6 +56,7 @@ class SyncApp(ServiceApp):
     servicer: SyncServicer | None = None
     notifier: ChangeNotifier | None = None
     relay_task: asyncio.Task[None] | None = None
+    prune_task: asyncio.Task[None] | None = None
     feed_listener: ChangeListener | None = None
     ops: Operations[SyncMetrics] | None = None
 
@@ -116,6 +118,15 @@ class SyncApp(ServiceApp):
         if self.config.relay_enabled:
             self.relay_task = asyncio.get_running_loop().create_task(
                 self._run_relay(health_servicer), name="audit-relay"
+            )
+        if self.config.history_retention_seconds > 0:
+            self.prune_task = asyncio.get_running_loop().create_task(
+                prune_history(
+                    self.storage,
+                    self.config.history_retention_seconds,
+                    self.config.history_prune_interval_seconds,
+                ),
+                name="history-retention",
             )
         return health_servicer
 
@@ -180,10 +191,12 @@ class SyncApp(ServiceApp):
             await asyncio.sleep(0)  # and gRPC's own task around each, one step behind
 
     async def stop_relay(self) -> None:
-        if self.relay_task is not None:
-            self.relay_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.relay_task
+        """Stop the background tasks: the audit relay and the history retention."""
+        for task in (self.relay_task, self.prune_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def close(self) -> None:
         if self.feed_listener is not None:

@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "storage": 1,  # the seam and its SQL implementation, one file per engine
     "writes": 2,  # the write use case
     "relay": 2,  # outbox -> audit service
+    "retention": 2,  # history pruning, a task of the service
     "api": 3,  # gRPC <-> domain
     "feed": 3,  # cursors and wake-ups of the RPCs
     "config": 4,  # process: settings, wiring, entry point

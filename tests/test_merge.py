@@ -34,12 +34,26 @@ from sync_service.rules.merge import (
 )
 from sync_service.rules.schema import Policy
 from sync_service.rules.textfields import SENT, TextEditsInvalid
+from sync_service.rules.textmerge import diff
 
 ME = "me"
 OTHERS = ("ann", "bob", "cy")
 FIELDS = ("title", "estimate", "status")
 
 MERGE, LWW, TEXT = Policy.MERGE, Policy.LWW, Policy.TEXT
+
+
+def _typed_into(base: FieldValue, yours: FieldValue, merged: FieldValue) -> bool:
+    """Every insertion of `yours` (against `base`) is in `merged`, in order."""
+    if not all(v is None or isinstance(v, str) for v in (base, yours, merged)):
+        return False
+    rest = str(merged or "")
+    for e in diff(str(base or ""), str(yours or "")):
+        at = rest.find(e.text)
+        if at < 0:
+            return False
+        rest = rest[at + len(e.text) :]
+    return True
 
 
 def _same(a: FieldValue, b: FieldValue) -> bool:
@@ -944,6 +958,10 @@ def test_no_value_any_client_wrote_disappears(case: Case) -> None:
         ):
             continue  # a replace repeating what it saw: no write of the client's
         kept = _same(after[name], yours) and after[DELETED] is False
+        if case.policies.get(name) is Policy.TEXT and not kept and after[DELETED] is False:
+            # A text field merges: what the client typed (its diff against its base) is
+            # in the merged text, beside the other side's insertions.
+            kept = _typed_into(log.value(name, case.base), yours, after[name])
         reported = any(x.field == name and _same(x.yours, yours) for x in d.collisions)
         assert kept or reported, (name, yours)
     # Theirs: what another client wrote since my base and my mutation replaced

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,6 +19,7 @@ from fieldsync.textops import (
     normalize,
     ops_from_json,
     ops_to_json,
+    transform,
 )
 
 TEXTS = st.text(alphabet="ab\r\n🎉é\u0301", max_size=20)
@@ -61,3 +64,59 @@ def test_ops_that_do_not_fit_are_refused() -> None:
         compose([Retain(3)], [Retain(5)])
     with pytest.raises(TextOpsError):
         ops_from_json([{"retain": "3"}])
+
+
+def _tagged(ops: list[TextOp], tag: str) -> list[TextOp]:
+    """The same edit with each insertion a token of its own (`<m0>`, `<m1>`, ...)."""
+    out: list[TextOp] = []
+    n = 0
+    for op in ops:
+        if isinstance(op, Insert):
+            out.append(Insert(f"<{tag}{n}>"))
+            n += 1
+        else:
+            out.append(op)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data(), TEXTS)
+def test_transform_moves_queued_edits_past_the_servers(data: st.DataObject, text: str) -> None:
+    """The SDK's local view: its queued operations shown on the server's newer text."""
+    mine = _tagged(data.draw(ops_on(text)), "m")
+    theirs = _tagged(data.draw(ops_on(text)), "t")
+    shown = run(run(text, theirs), transform(mine, theirs))
+    tokens = re.findall(r"<[mt]\d+>", shown)
+    expected = [op.text for op in mine + theirs if isinstance(op, Insert)]
+    assert sorted(tokens) == sorted(expected)  # every insertion of either side, once
+    # What is left of the base: the characters neither side deleted, in order.
+    assert re.sub(r"<[mt]\d+>", "", shown) == _left(text, mine, theirs)
+    assert transform(mine, []) == mine
+    assert transform([], theirs) == []
+
+
+def test_transform_puts_the_servers_insertion_first_at_one_place() -> None:
+    shown = run(
+        run("ab", [Retain(1), Insert("T"), Retain(1)]),
+        transform([Retain(1), Insert("M"), Retain(1)], [Retain(1), Insert("T"), Retain(1)]),
+    )
+    assert shown == "aTMb"
+    # An insertion inside a span the server deleted stays, where the span was.
+    shown = run(
+        run("abcd", [Delete(4)]), transform([Retain(2), Insert("M"), Retain(2)], [Delete(4)])
+    )
+    assert shown == "M"
+
+
+def _left(text: str, *sides: list[TextOp]) -> str:
+    keep = [True] * len(text)
+    for ops in sides:
+        pos = 0
+        for op in ops:
+            if isinstance(op, Retain):
+                pos += op.n
+            elif isinstance(op, Delete):
+                for k in range(pos, pos + op.n):
+                    keep[k] = False
+                pos += op.n
+    return "".join(ch for ch, k in zip(text, keep, strict=True) if k)

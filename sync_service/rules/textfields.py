@@ -131,19 +131,26 @@ def ops_json(ops: Sequence[TextOp]) -> Json:
 def client_point(hist: HistoryView, name: str, points: Mapping[str, Point]) -> Point | Unknown:
     """The field as this client last had it: at base_version, then its own later
     changes as it sent them; with how it relates to the server's value at some
-    version (UNKNOWN when pruned history hides it)."""
-    if name in points:
-        return points[name]
+    version (UNKNOWN when pruned history hides it). `points`: its `base_fields` text
+    (taken as is), or what its latest edit that changed nothing left it with (taken
+    unless the history holds a later change of the client's)."""
+    noted = points.get(name)
+    if noted is not None and noted.ops is None:
+        return noted  # base_fields: the client's own word
     changes = hist.changes
     for i in range(len(changes) - 1, -1, -1):
         ch = changes[i]
         if ch.client_id != hist.client_id or name not in ch.old:
             continue
+        if noted is not None and noted.version >= ch.version:
+            return noted  # a later edit of the client's that changed nothing
         if SENT + name in ch.old:
             own = ch.old.get(OWN + name)
             ops = ops_of(own) if isinstance(own, Json) else None
             return Point(_text(ch.old[SENT + name]), ops, ch.version)
         return Point(_text(_after(hist, i, name)), [], ch.version)
+    if noted is not None:
+        return noted
     if not hist.complete and hist.last_change(name) > hist.base_version:
         return UNKNOWN
     return Point(_text(hist.base(name)), [], hist.base_version)

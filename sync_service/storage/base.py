@@ -138,6 +138,24 @@ class StoredResult:
 
 
 @dataclass(frozen=True, slots=True)
+class TextPointRow:
+    """What a client's text edit of a field left it with, when the edit left the record
+    as it was (so the history holds no trace of it): the client's `text`, and `ops`
+    (JSON) from it to the record's value at `version`; the edit was on `base_version`."""
+
+    tenant_id: str
+    client_id: str
+    collection: str
+    record_id: str
+    field: str
+    base_version: int
+    version: int
+    text: str
+    ops: str
+    updated_at: int
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxEvent:
     event_id: str
     tenant_id: str
@@ -156,6 +174,7 @@ class BatchWrite:
     resolutions: list[ConflictResolution] = field(default_factory=list)
     results: list[StoredResult] = field(default_factory=list)
     events: list[OutboxEvent] = field(default_factory=list)
+    text_points: list[TextPointRow] = field(default_factory=list)  # each replaces its key's
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +210,12 @@ class Reads(Protocol):
         ...
 
     def load_conflicts(self, tenant_id: str, ids: Iterable[str]) -> dict[str, StoredConflict]: ...
+
+    def load_text_points(
+        self, tenant_id: str, client_id: str, collection: str, record_ids: Iterable[str]
+    ) -> list[TextPointRow]:
+        """The client's stored text points of these records (any field)."""
+        ...
 
 
 class WriteTx(Reads, Protocol):

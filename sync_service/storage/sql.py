@@ -64,7 +64,14 @@ from sync_service.storage.rows import (
     load_records,
 )
 from sync_service.storage.sqlite import SQLITE
-from sync_service.storage.tables import conflicts, outbox, records, served_schema
+from sync_service.storage.tables import (
+    conflicts,
+    outbox,
+    record_history,
+    records,
+    served_schema,
+    text_points,
+)
 from sync_service.storage.transactions import SqlWriteTx
 
 log = logging.getLogger("fieldsync.storage")
@@ -168,6 +175,37 @@ class SqlStorage:
         except BaseException:
             self._cache.forget()  # what the transaction handed it may not be committed
             raise
+
+    def prune_history(self, before_ns: int, *, chunk: int = 2_000) -> int:
+        """Forget history rows (and text points) committed before `before_ns` (SPEC §1's
+        retention); the number of history rows gone.
+
+        A little at a time, each chunk in a short write transaction of its own, so
+        writers wait at most one chunk. Nothing else moves: a writer finds a record's
+        history shorter than its versions (sync_service.writes.batch_run) and takes the
+        base as unknown, a conflict rather than an overwrite. Records keep their own
+        latest state, so no record, feed position or conflict is lost.
+        """
+        h = record_history.c
+        old = select(h.record_key).where(h.committed_at < before_ns).distinct().limit(chunk)
+        gone = 0
+        while True:
+            with self._read.connect() as conn:
+                keys = list(conn.execute(old).scalars())
+            if not keys:
+                break
+            with self._write.begin() as conn:
+                done = conn.execute(
+                    record_history.delete().where(
+                        h.record_key.in_(keys), h.committed_at < before_ns
+                    )
+                )
+                gone += done.rowcount
+            if len(keys) < chunk:
+                break
+        with self._write.begin() as conn:
+            conn.execute(text_points.delete().where(text_points.c.updated_at < before_ns))
+        return gone
 
     # -- reads ----------------------------------------------------------------
 

@@ -62,6 +62,26 @@ record_history = Table(
     Column("committed_at", BigInteger, nullable=False),
 )
 
+# What a client's text edit left it with when the edit left the record as it was
+# (another writer had made the same change): the history then holds no trace of
+# it, and the client's next edit on the same base applies to that text (SPEC §3).
+# `ops` (JSON) take `text` to the record's value at `version`. One row per client,
+# record and field, replaced by the next such edit; pruned with the history.
+text_points = Table(
+    "text_points",
+    metadata,
+    Column("tenant_id", String(200), primary_key=True),
+    Column("client_id", String(200), primary_key=True),
+    Column("collection", String(200), primary_key=True),
+    Column("record_id", String(500), primary_key=True),
+    Column("field", String(200), primary_key=True),
+    Column("base_version", BigInteger, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("ops", Text, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
 # SQLite: one row (id 1), the feed position and the record key handed out last,
 # both moved only under the database's write lock. PostgreSQL keeps neither here
 # (since migration 0005 the table refuses writes, to stop an older release).

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, ClassVar
 
 from sqlalchemy import Connection, bindparam
@@ -29,6 +29,7 @@ from sync_service.storage.base import (
     StoredConflict,
     StoredRecord,
     StoredResult,
+    TextPointRow,
     WriteConflict,
 )
 from sync_service.storage.cache import RecordCache
@@ -40,7 +41,7 @@ from sync_service.storage.rows import (
     load_conflicts,
     load_records,
 )
-from sync_service.storage.tables import conflicts
+from sync_service.storage.tables import conflicts, text_points
 
 Name = tuple[str, str, str]  # tenant, collection, record id
 
@@ -110,6 +111,21 @@ class _Reads:
 
     def load_conflicts(self, tenant_id: str, ids: Iterable[str]) -> dict[str, StoredConflict]:
         return load_conflicts(self._conn, tenant_id, list(ids))
+
+    def load_text_points(
+        self, tenant_id: str, client_id: str, collection: str, record_ids: Iterable[str]
+    ) -> list[TextPointRow]:
+        t = text_points.c
+        out: list[TextPointRow] = []
+        for chunk in chunks(list(record_ids)):
+            q = text_points.select().where(
+                t.tenant_id == tenant_id,
+                t.client_id == client_id,
+                t.collection == collection,
+                t.record_id.in_(chunk),
+            )
+            out.extend(TextPointRow(**row._mapping) for row in self._conn.execute(q))
+        return out
 
 
 class SqlWriteTx(_Reads):
@@ -255,9 +271,33 @@ class SqlWriteTx(_Reads):
                 "outbox",
                 [(e.event_id, e.tenant_id, dumps(e.payload), e.created_at) for e in batch.events],
             )
+        if batch.text_points:
+            self._write_text_points(batch.text_points)
         self._save_feed(cur)
         cur.close()
         self._hand_over(written)
+
+    def _write_text_points(self, rows: Sequence[TextPointRow]) -> None:
+        """Each row replaces the one of its key (rare: only edits that changed nothing)."""
+        t = text_points.c
+        latest = {(r.tenant_id, r.client_id, r.collection, r.record_id, r.field): r for r in rows}
+        self._conn.execute(
+            text_points.delete().where(
+                t.tenant_id == bindparam("b_tenant"),
+                t.client_id == bindparam("b_client"),
+                t.collection == bindparam("b_collection"),
+                t.record_id == bindparam("b_record"),
+                t.field == bindparam("b_field"),
+            ),
+            [
+                {"b_tenant": t, "b_client": c, "b_collection": col, "b_record": r, "b_field": f}
+                for t, c, col, r, f in latest
+            ],
+        )
+        self._conn.execute(
+            text_points.insert(),
+            [asdict(r) for r in latest.values()],
+        )
 
     def _hand_over(self, written: list[StoredRecord]) -> None:
         """Give the cache the rows this transaction writes (see storage/cache.py)."""

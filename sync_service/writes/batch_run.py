@@ -197,6 +197,8 @@ class BatchRun:
             if foreign:
                 for rid, changes in self.tx.load_changes(self.tenant, collection, foreign).items():
                     self.changes[(collection, rid)] = changes
+                    self._pruned_below(collection, rid, foreign[rid], changes)
+        self.text_points.load(self.tx, self.tenant, client_id, fresh)
         wanted = {
             m.resolves_conflict_id
             for m in fresh
@@ -205,6 +207,19 @@ class BatchRun:
         wanted.update(r.payload["c"] for r in stored if r.payload.get("c"))
         if wanted:
             self.conflicts.update(self.tx.load_conflicts(self.tenant, wanted))
+
+    def _pruned_below(self, collection: str, rid: str, base: int, changes: list[Change]) -> None:
+        """Every version has its history row until the retention prunes it: a record
+        whose history since `base` has a gap is read as pruned below the gap (its
+        fields' values there unknown: SPEC §1, a conflict, never an overwrite)."""
+        rec = self.records[(collection, rid)]
+        expected = rec.version
+        for ch in reversed(changes):
+            if ch.version != expected:
+                break
+            expected -= 1
+        if expected > max(base, rec.history_floor):
+            self.records[(collection, rid)] = replace(rec, history_floor=expected)
 
     def _replay(self, m: MutationIn, stored: StoredResult | None) -> MutationOutcome:
         earlier = self.seen.get(m.client_seq)
@@ -291,7 +306,7 @@ class BatchRun:
         except TextEditsInvalid as e:
             return self._reject(m, invalid(e.field, e.message), repairs)
         rec = self._stage_record(m, rec, decision)
-        self.text_points.note(key, m.base_version, decision.points, rec.version)
+        self.text_points.note(key, m.base_version, decision.points, rec.version, decision.updates)
         outcome = MutationOutcome(m.mutation_id, m.client_seq, Status[decision.outcome.name])
         outcome.record = rec
         outcome.warnings = repairs
@@ -501,4 +516,5 @@ class BatchRun:
         self.out.records = list(self.touched.values())
         if self.out.results:
             self.out.client = self.client
+        self.out.text_points = self.text_points.rows(self.tenant, self.client.client_id, self.now)
         self.tx.write(self.out)

@@ -1,25 +1,28 @@
 """A mutation's `text_edits` on their way to the decision (SPEC §3): what lives here.
 
 `text_inputs` checks them against the schema (sync_service.rules.textedits) for one
-mutation; `TextPoints` remembers, within one client's run in a write transaction, the
-text each of its `text_edits` left it with and how that text relates to the record, so
-its next edit on the same base applies to the text it had even when its previous one
-changed nothing on the server (then the history holds no trace of it, see
-sync_service.rules.merge).
+mutation; `TextPoints` remembers the text each of a client's `text_edits` left it with
+and how that text relates to the record, so its next edit on the same base applies to
+the text it had even when its previous one changed nothing on the server (then the
+history holds no trace of it, see sync_service.rules.textfields): in memory within one
+run, and in storage (`text_points`, written in the same transaction) across batches,
+streams and restarts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import json
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fieldsync.errors import InvalidArgument, Reason
-from fieldsync.textops import TextOp
+from fieldsync.textops import TextOp, ops_from_json, ops_to_json
 from fieldsync.values import FieldValue
 from sync_service.rules.decode import Repair
 from sync_service.rules.merge import Op
 from sync_service.rules.schema import CollectionSpec
 from sync_service.rules.textedits import check_text_edits
+from sync_service.storage.base import Reads, TextPointRow
 from sync_service.writes.model import MutationIn
 
 Point = tuple[str, list[TextOp], int]  # text, operations to the field's value, at version
@@ -40,8 +43,27 @@ def text_inputs(
 
 @dataclass
 class TextPoints:
+    """The text each of a client's `text_edits` left it with, by record and field: noted
+    as the run decides, and loaded from and stored to `text_points` (storage) where the
+    history cannot tell it, so it holds across batches, streams and restarts."""
+
     # (collection, record_id, field) -> (base_version, point)
     _points: dict[tuple[str, str, str], tuple[int, Point]] = field(default_factory=dict)
+    # ... those the history holds no trace of: to store
+    _untraced: dict[tuple[str, str, str], tuple[int, Point]] = field(default_factory=dict)
+
+    def load(self, tx: Reads, tenant: str, client_id: str, fresh: Iterable[MutationIn]) -> None:
+        """Read the stored points of the records `fresh` mutations edit as text."""
+        wanted: dict[str, set[str]] = {}
+        for m in fresh:
+            if m.text_edits and m.record_id and not m.invalid:
+                wanted.setdefault(m.collection, set()).add(m.record_id)
+        for collection, rids in wanted.items():
+            for row in tx.load_text_points(tenant, client_id, collection, sorted(rids)):
+                key = (row.collection, row.record_id, row.field)
+                if key not in self._points:
+                    point = (row.text, ops_from_json(json.loads(row.ops)), row.version)
+                    self._points[key] = (row.base_version, point)
 
     def get(
         self, key: tuple[str, str], base_version: int, names: Iterable[str]
@@ -59,6 +81,22 @@ class TextPoints:
         base_version: int,
         points: Mapping[str, tuple[str, list[TextOp]]],
         version: int,
+        traced: Container[str],
     ) -> None:
+        """`traced`: the fields the mutation changed (its history row tells their point)."""
         for name, (text, ops) in points.items():
-            self._points[(*key, name)] = (base_version, (text, ops, version))
+            had = (base_version, (text, ops, version))
+            self._points[(*key, name)] = had
+            if name in traced:
+                self._untraced.pop((*key, name), None)
+            else:
+                self._untraced[(*key, name)] = had
+
+    def rows(self, tenant: str, client_id: str, now: int) -> list[TextPointRow]:
+        """The points to store: those of edits that left the record as it was."""
+        return [
+            TextPointRow(
+                tenant, client_id, *key, base, version, text, json.dumps(ops_to_json(ops)), now
+            )
+            for key, (base, (text, ops, version)) in self._untraced.items()
+        ]

@@ -6,6 +6,9 @@
     queue      the client's mutations: `pending` until the server answers,
                `rejected` (with the server's reason) when it never can apply
     conflicts  the open conflicts this client knows of
+    text_bases per record and text field with queued operations, the text the
+               first of them applies to (the local view composes them on it and
+               shows them on the server's latest text, see _view.py)
 
 The local view (what `get` shows) is derived from `records` and the pending
 part of `queue` (see _view.py), so a write is durable and visible the moment
@@ -35,6 +38,7 @@ from typing import Any
 from fieldsync.textops import TextOp, ops_from_json, ops_to_json
 from fieldsync.values import FieldValue, Timestamp, decode, decode_fields, encode, encode_fields
 
+from . import _text_bases as text_bases
 from ._compact import rebuilt
 from ._types import Conflict, ConflictKind, FieldConflict, Op, QueuedMutation, QueueState, Record
 from ._view import ServerState, local_view
@@ -176,7 +180,7 @@ class LocalStore:
     def _init(self, client_id: str | None) -> str:
         with self._tx() as db:
             # Statement by statement: executescript() would commit this transaction.
-            for statement in filter(str.strip, _SCHEMA.split(";")):
+            for statement in filter(str.strip, (_SCHEMA + text_bases.SCHEMA).split(";")):
                 db.execute(statement)
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
             if int(meta.get("format", STORE_FORMAT)) > STORE_FORMAT:
@@ -312,6 +316,9 @@ class LocalStore:
         client_time = time.time_ns()
         with self._tx() as db:
             seq = int(self._meta(db, "next_seq"))
+            if edits and text_bases.missing(db, collection, record_id, edits):
+                shown = self._view(db, collection, record_id)
+                text_bases.note(db, shown, collection, record_id, edits)
             if base_version is None:
                 row = db.execute(
                     "SELECT version FROM records WHERE collection = ? AND record_id = ?",
@@ -349,22 +356,31 @@ class LocalStore:
             text_edits=edits,
         )
 
+    def _pending_of(
+        self, db: sqlite3.Connection, collection: str, record_id: str
+    ) -> list[QueuedMutation]:
+        rows = db.execute(
+            f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE collection = ? AND record_id = ? "
+            "AND state = 'pending' ORDER BY client_seq",
+            (collection, record_id),
+        ).fetchall()
+        return [_queued(r) for r in rows]
+
+    def _view(self, db: sqlite3.Connection, collection: str, record_id: str) -> Record | None:
+        row = db.execute(
+            "SELECT version, deleted, fields FROM records WHERE collection = ? AND record_id = ?",
+            (collection, record_id),
+        ).fetchone()
+        pending = self._pending_of(db, collection, record_id)
+        bases = text_bases.of_record(db, collection, record_id)
+        server = None if row is None else _server_state(collection, record_id, *row)
+        return local_view(collection, record_id, server, pending, bases)
+
     # -- reads -----------------------------------------------------------------------
 
     def get(self, collection: str, record_id: str) -> Record | None:
         with self._read() as db:
-            row = db.execute(
-                "SELECT version, deleted, fields FROM records "
-                "WHERE collection = ? AND record_id = ?",
-                (collection, record_id),
-            ).fetchone()
-            pending = db.execute(
-                f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE collection = ? AND record_id = ? "
-                "AND state = 'pending' ORDER BY client_seq",
-                (collection, record_id),
-            ).fetchall()
-        server = None if row is None else _server_state(collection, record_id, *row)
-        return local_view(collection, record_id, server, [_queued(r) for r in pending])
+            return self._view(db, collection, record_id)
 
     def query(self, collection: str, *, include_deleted: bool = False) -> list[Record]:
         with self._read() as db:
@@ -377,6 +393,7 @@ class LocalStore:
                 "ORDER BY client_seq",
                 (collection,),
             ).fetchall()
+            bases = text_bases.of_collection(db, collection)
         servers = {r[0]: _server_state(collection, *r) for r in rows}
         pending: dict[str, list[QueuedMutation]] = defaultdict(list)
         for r in pending_rows:
@@ -384,7 +401,13 @@ class LocalStore:
             pending[m.record_id].append(m)
         out = []
         for record_id in sorted(servers.keys() | pending.keys()):
-            rec = local_view(collection, record_id, servers.get(record_id), pending[record_id])
+            rec = local_view(
+                collection,
+                record_id,
+                servers.get(record_id),
+                pending[record_id],
+                bases.get(record_id),
+            )
             if rec is not None and (include_deleted or not rec.deleted):
                 out.append(rec)
         return out
@@ -447,11 +470,12 @@ class LocalStore:
                 row = db.execute(
                     f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE client_seq = ?", (o.client_seq,)
                 ).fetchone()
+                queued = _queued(row) if row is not None else None
                 record = o.record
                 if record is not None and o.fields_left_out:
-                    record = self._rebuilt(db, row, o, record, summary)
-                if row is not None:
-                    self._settle(db, o, row[1], row[8], summary)
+                    record = self._rebuilt(db, queued, o, record, summary)
+                if queued is not None:
+                    self._settle(db, o, queued, summary)
                 if record is not None:
                     _upsert_record(db, record)
                 if o.conflict is not None:
@@ -469,7 +493,7 @@ class LocalStore:
     def _rebuilt(
         self,
         db: sqlite3.Connection,
-        row: Sequence[Any] | None,
+        m: QueuedMutation | None,
         o: Outcome,
         answered: ServerState,
         summary: ResultSummary,
@@ -477,7 +501,6 @@ class LocalStore:
         """A compact result's record from the queued mutation and the last server state;
         None (and the record listed in summary.unknown_records) when it cannot be."""
         key = (answered.collection, answered.record_id)
-        m = _queued(row) if row is not None else None
         if m is not None and m.mutation_id == o.mutation_id and (m.collection, m.record_id) == key:
             held = db.execute(
                 "SELECT version, deleted, fields FROM records "
@@ -493,13 +516,9 @@ class LocalStore:
         return None
 
     def _settle(
-        self,
-        db: sqlite3.Connection,
-        o: Outcome,
-        mutation_id: str,
-        resolves: str,
-        summary: ResultSummary,
+        self, db: sqlite3.Connection, o: Outcome, m: QueuedMutation, summary: ResultSummary
     ) -> None:
+        mutation_id, resolves = m.mutation_id, m.resolves_conflict_id
         if o.status == "DUPLICATE" and o.mutation_id and o.mutation_id != mutation_id:
             # The server applied another mutation under this sequence: a copy of
             # this file (a restored backup) used it. Ours never reached the
@@ -512,6 +531,9 @@ class LocalStore:
         rejected = o.status == "REJECTED" or (
             o.status == "DUPLICATE" and o.original_status == "REJECTED"
         )
+        if m.state == "pending" and (rejected or o.status in _DELIVERED):
+            later = self._pending_of(db, m.collection, m.record_id)
+            text_bases.advance(db, m, [q for q in later if q.client_seq != m.client_seq])
         if rejected:
             db.execute(
                 "UPDATE queue SET state = 'rejected', error = ?, reason = ?, code = ? "
