@@ -148,6 +148,9 @@ class AuditRelay:
         self._healthy: bool | None = None
         self._tls = tls
         self._tracing = tracing
+        # Acknowledged events of a full batch, forgotten by the next fetch in its own
+        # transaction (one write transaction a batch under a backlog, not two).
+        self._acked: list[str] = []
         self._credentials: grpc.ChannelCredentials | None = None
         self._tls_stamp: tuple[Any, ...] | None = None
 
@@ -155,6 +158,9 @@ class AuditRelay:
         try:
             await self._run()
         finally:
+            if self._acked:  # else the next start sends them again (stored once)
+                with contextlib.suppress(Exception):
+                    self._storage.outbox_delivered(self._acked)
             # What the audit service answered over this relay's life: "duplicates"
             # are events it already had (a resend after a lost acknowledgement).
             log.info(
@@ -236,8 +242,9 @@ class AuditRelay:
 
     async def _deliver_once(self, stub: audit_pb2_grpc.AuditServiceAsyncStub) -> int:
         events = await asyncio.to_thread(
-            self._storage.outbox_fetch, self._batch, self._max_attempts
+            self._storage.outbox_fetch, self._batch, self._max_attempts, self._acked
         )
+        self._acked = []
         if not events:
             return 0
         request = audit_pb2.RecordEventsRequest(events=[outbox_event_to_proto(e) for e in events])
@@ -270,7 +277,11 @@ class AuditRelay:
                 log.error("audit service refused %d events: %s", len(bad_ids), err.details())
                 await asyncio.to_thread(self._storage.outbox_refused, bad_ids)
             return len(events)
-        await asyncio.to_thread(self._storage.outbox_delivered, [e.event_id for e in events])
+        delivered = [e.event_id for e in events]
+        if len(events) < self._batch:
+            await asyncio.to_thread(self._storage.outbox_delivered, delivered)  # idle next
+        else:
+            self._acked = delivered
         self.stats.delivered += resp.recorded
         self.stats.duplicates += resp.duplicates
         return len(events)

@@ -285,8 +285,11 @@ class Storage(Protocol):
         """Undelivered audit events: count and the oldest one's creation time."""
         ...
 
-    def outbox_fetch(self, limit: int, max_attempts: int) -> list[OutboxEvent]:
-        """The oldest undelivered events (those refused max_attempts times are held back)."""
+    def outbox_fetch(
+        self, limit: int, max_attempts: int, delivered: Sequence[str] = ()
+    ) -> list[OutboxEvent]:
+        """The oldest undelivered events (those refused max_attempts times are held back),
+        after forgetting `delivered` in the same write (one transaction, not two)."""
         ...
 
     def outbox_delivered(self, event_ids: Sequence[str]) -> None:

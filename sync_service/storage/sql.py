@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import Connection, and_, func, or_, select
 
 from fieldsync.db import chunks, locked_write, migrate, normalize_url, open_engines
 from fieldsync.values import loads_fields
@@ -287,8 +287,11 @@ class SqlStorage:
             count, oldest = conn.execute(q).one()
         return int(count), oldest
 
-    def outbox_fetch(self, limit: int, max_attempts: int) -> list[OutboxEvent]:
-        """Claim the oldest undelivered events for this instance's relay, for a lease.
+    def outbox_fetch(
+        self, limit: int, max_attempts: int, delivered: Sequence[str] = ()
+    ) -> list[OutboxEvent]:
+        """Claim the oldest undelivered events for this instance's relay, for a lease;
+        first forget `delivered` (as outbox_delivered), in the same transaction.
 
         Several instances' relays share one outbox: each fetch claims its rows
         (claimed_by, claimed_until) in a short transaction, on PostgreSQL with
@@ -304,10 +307,12 @@ class SqlStorage:
             or_(o.claimed_until.is_(None), o.claimed_until < now, o.claimed_by == self._owner),
         )
         pick = select(o.id).where(claimable).order_by(o.id).limit(limit)
-        with self._read.connect() as conn:
-            if conn.execute(pick).first() is None:
-                return []  # idle: no write transaction (on SQLite, no write lock)
+        if not delivered:
+            with self._read.connect() as conn:
+                if conn.execute(pick).first() is None:
+                    return []  # idle: no write transaction (on SQLite, no write lock)
         with self._write.begin() as conn:
+            _forget(conn, delivered)
             ids = list(conn.execute(pick.with_for_update(skip_locked=True)).scalars())
             if not ids:
                 return []
@@ -327,8 +332,7 @@ class SqlStorage:
 
     def outbox_delivered(self, event_ids: Sequence[str]) -> None:
         with self._write.begin() as conn:
-            for chunk in chunks(list(event_ids)):
-                conn.execute(outbox.delete().where(outbox.c.event_id.in_(chunk)))
+            _forget(conn, event_ids)
 
     def outbox_parked(self, max_attempts: int) -> int:
         q = select(func.count()).where(outbox.c.attempts >= max_attempts)
@@ -343,3 +347,9 @@ class SqlStorage:
                     .where(outbox.c.event_id.in_(chunk))
                     .values(attempts=outbox.c.attempts + 1, claimed_by=None, claimed_until=None)
                 )
+
+
+def _forget(conn: Connection, event_ids: Sequence[str]) -> None:
+    """Delete delivered outbox events."""
+    for chunk in chunks(list(event_ids)):
+        conn.execute(outbox.delete().where(outbox.c.event_id.in_(chunk)))

@@ -82,8 +82,8 @@ def conflict_from_proto(c: sync_pb2.Conflict) -> Conflict:
 
 
 def outcome_from_proto(r: sync_pb2.MutationResult, *, compact: bool = False) -> Outcome:
-    """`compact`: the stream asked for compact results (an APPLIED one without warnings
-    carries its record without the fields, SyncHello.compact_results)."""
+    """`compact`: the stream asked for compact results (SyncHello.compact_results), so an
+    APPLIED result without warnings carries its record without the fields."""
     error = reason = code = None
     if r.HasField("error"):
         error = r.error.message or "rejected by the server"
@@ -103,5 +103,10 @@ def outcome_from_proto(r: sync_pb2.MutationResult, *, compact: bool = False) -> 
         reason=reason,
         code=code,
         warnings=len(r.warnings),
-        compact=compact and r.status == sync_pb2.MUTATION_STATUS_APPLIED and not r.warnings,
+        fields_left_out=(
+            compact
+            and has_record
+            and r.status == sync_pb2.MUTATION_STATUS_APPLIED
+            and not r.warnings
+        ),
     )

@@ -32,13 +32,14 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from fieldsync.textops import TextOp, ops_from_json, ops_to_json
 from fieldsync.values import FieldValue, Timestamp, decode, decode_fields, encode, encode_fields
 
 from . import _text_bases as text_bases
+from ._compact import rebuilt
 from ._types import Conflict, ConflictKind, FieldConflict, Op, QueuedMutation, QueueState, Record
 from ._view import ServerState, local_view
 
@@ -134,9 +135,9 @@ class Outcome:
     code: str | None = None
     warnings: int = 0
     """Validation warnings the server reported (SPEC §4: a value coerced, a field dropped...)."""
-    compact: bool = False
-    """`record` came without its fields: an APPLIED answer on a compact stream, whose
-    fields are the server state this client held with the mutation applied."""
+    fields_left_out: bool = False
+    """A compact result (SyncHello.compact_results): `record` has the version, not the
+    fields; they are rebuilt from the queued mutation (_compact.rebuilt)."""
 
 
 @dataclass
@@ -147,6 +148,11 @@ class ResultSummary:
     warnings: int = 0
     new_conflicts: list[Conflict] = field(default_factory=list)
     renumbered: int = 0
+    rebuilt: int = 0
+    """Compact results whose record was rebuilt here (_compact.rebuilt)."""
+    unknown_records: list[tuple[str, str]] = field(default_factory=list)
+    """(collection, record_id) of compact results whose fields could not be rebuilt
+    here: the caller fetches those records from the server."""
 
 
 def _dumps(value: Any) -> str:
@@ -462,15 +468,14 @@ class LocalStore:
                 summary.statuses[o.status] += 1
                 summary.warnings += o.warnings
                 row = db.execute(
-                    f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE client_seq = ?",
-                    (o.client_seq,),
+                    f"SELECT {_QUEUE_COLUMNS} FROM queue WHERE client_seq = ?", (o.client_seq,)
                 ).fetchone()
                 queued = _queued(row) if row is not None else None
+                record = o.record
+                if record is not None and o.fields_left_out:
+                    record = self._rebuilt(db, queued, o, record, summary)
                 if queued is not None:
                     self._settle(db, o, queued, summary)
-                record = o.record
-                if record is not None and o.compact:
-                    record = _filled(db, record, queued)
                 if record is not None:
                     _upsert_record(db, record)
                 if o.conflict is not None:
@@ -484,6 +489,31 @@ class LocalStore:
                         if o.status == "CONFLICT":
                             summary.new_conflicts.append(o.conflict)
         return summary
+
+    def _rebuilt(
+        self,
+        db: sqlite3.Connection,
+        m: QueuedMutation | None,
+        o: Outcome,
+        answered: ServerState,
+        summary: ResultSummary,
+    ) -> ServerState | None:
+        """A compact result's record from the queued mutation and the last server state;
+        None (and the record listed in summary.unknown_records) when it cannot be."""
+        key = (answered.collection, answered.record_id)
+        if m is not None and m.mutation_id == o.mutation_id and (m.collection, m.record_id) == key:
+            held = db.execute(
+                "SELECT version, deleted, fields FROM records "
+                "WHERE collection = ? AND record_id = ?",
+                key,
+            ).fetchone()
+            server = _server_state(*key, *held) if held is not None else None
+            built = rebuilt(server, m, answered)
+            if built is not None:
+                summary.rebuilt += 1
+                return built
+        summary.unknown_records.append(key)
+        return None
 
     def _settle(
         self, db: sqlite3.Connection, o: Outcome, m: QueuedMutation, summary: ResultSummary
@@ -520,6 +550,12 @@ class LocalStore:
             # The server closes a conflict with the first answer it applies,
             # whatever that answer's own outcome.
             db.execute("DELETE FROM conflicts WHERE conflict_id = ?", (resolves,))
+
+    def save_fetched(self, records: Sequence[ServerState]) -> None:
+        """Store server states read with GetRecords (the feed cursor stays where it is)."""
+        with self._tx() as db:
+            for rec in records:
+                _upsert_record(db, rec)
 
     def save_pulled(self, records: Sequence[ServerState], cursor: str) -> None:
         """Store one page of the change feed and the cursor after it, together."""
@@ -583,26 +619,6 @@ def _queued(row: Sequence[Any]) -> QueuedMutation:
         code=code,
         text_edits={k: ops_from_json(v) for k, v in json.loads(text_edits).items()},
     )
-
-
-def _filled(
-    db: sqlite3.Connection, rec: ServerState, m: QueuedMutation | None
-) -> ServerState | None:
-    """A compact APPLIED answer's record with its fields: the server state held before,
-    with `m` applied as the server applied it (nobody else changed the record since
-    its base). None when that state is not the one just before (a pull brings it)."""
-    row = db.execute(
-        "SELECT version, deleted, fields FROM records WHERE collection = ? AND record_id = ?",
-        (rec.collection, rec.record_id),
-    ).fetchone()
-    before = None if row is None else _server_state(rec.collection, rec.record_id, *row)
-    held = before.version if before is not None else 0
-    if before is not None and rec.version == held:
-        return replace(rec, fields=before.fields)  # it changed nothing
-    if m is None or rec.version != held + 1:
-        return None
-    view = local_view(rec.collection, rec.record_id, before, [m])
-    return replace(rec, fields=view.fields) if view is not None else None
 
 
 def _upsert_record(db: sqlite3.Connection, rec: ServerState) -> None:

@@ -56,6 +56,8 @@ class Counters:
     pulled: int = 0
     answered: int = 0
     pages: int = 0
+    rebuilt: int = 0  # compact results whose record was rebuilt from the queue
+    fetched: int = 0  # compact results whose record was read back with GetRecords
 
     def add(self, summary: ResultSummary) -> None:
         s = summary.statuses
@@ -66,6 +68,8 @@ class Counters:
         self.duplicates += s["DUPLICATE"]
         self.warnings += summary.warnings
         self.answered += s.total()
+        self.rebuilt += summary.rebuilt
+        self.fetched += len(summary.unknown_records)
 
     def report(self, pending: int) -> SyncReport:
         return SyncReport(
@@ -110,6 +114,7 @@ class _Stream:
 
     def __init__(self, transport: Transport, deadline: float) -> None:
         self._requests: queue.Queue[sync_pb2.SyncRequest | None] = queue.Queue()
+        self.transport = transport
         self._call = transport.stub.Sync(
             self._request_iterator(), metadata=transport.metadata(), timeout=deadline
         )
@@ -160,7 +165,8 @@ def _push_once(
             client_id=settings.client_id,
             schema_version=settings.schema_version,
             pending_mutations=pending,
-            compact_results=True,  # an APPLIED answer's fields are ours: not sent back
+            # APPLIED answers without the fields this client holds (_compact.py).
+            compact_results=True,
         )
         if oldest is not None:
             hello.oldest_pending_time.FromNanoseconds(oldest)
@@ -234,6 +240,8 @@ def _deliver_from(
         result = response.result
         sent = in_flight.popleft()
         summary = store.apply_results([outcome_from_proto(r, compact=True) for r in result.results])
+        if summary.unknown_records:
+            _fetch_records(store, stream.transport, summary.unknown_records)
         counters.add(summary)
         if len(result.results) < sent:
             # A gap: the batches still in flight are answered short too; once
@@ -248,6 +256,20 @@ def _deliver_from(
             while len(in_flight) < IN_FLIGHT and send_next():
                 pass
     return gap_at
+
+
+def _fetch_records(store: LocalStore, transport: Transport, keys: list[tuple[str, str]]) -> None:
+    """The records of compact results this client could not rebuild, from the server."""
+    by_collection: dict[str, list[str]] = {}
+    for collection, record_id in keys:
+        by_collection.setdefault(collection, []).append(record_id)
+    for collection, record_ids in by_collection.items():
+        response = transport.stub.GetRecords(
+            sync_pb2.GetRecordsRequest(collection=collection, record_ids=record_ids),
+            metadata=transport.metadata(),
+            timeout=transport.timeout,
+        )
+        store.save_fetched([record_from_proto(r) for r in response.records])
 
 
 def pull(store: LocalStore, transport: Transport, counters: Counters) -> None:

@@ -17,7 +17,7 @@ from fieldsync.values import Fields, FieldValue
 
 from ._types import QueuedMutation, Record
 
-__all__ = ["ServerState", "local_view"]
+__all__ = ["ServerState", "local_view", "set_fields"]
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,7 @@ def local_view(
             continue
         if m.op == "PUT":
             fields = {}
-        for name, value in m.fields.items():
-            if value is None:
-                fields.pop(name, None)
-            else:
-                fields[name] = value
+        set_fields(fields, m.fields)
         for name, ops in m.text_edits.items():
             if name in composed:
                 continue  # composed below, on the text they were typed on
@@ -120,3 +116,12 @@ def _typed_on(
         return apply_ops(server_text, moved) if moved else server_text
     except TextOpsError:
         return None
+
+
+def set_fields(fields: Fields, values: Mapping[str, FieldValue | None]) -> None:
+    """Write a mutation's field values into `fields`, as the server does (None clears one)."""
+    for name, value in values.items():
+        if value is None:
+            fields.pop(name, None)
+        else:
+            fields[name] = value
