@@ -1,4 +1,5 @@
-"""The server interceptor every FieldSync service installs: authentication and error mapping.
+"""The server interceptor every FieldSync service installs: authentication, error mapping
+and (given a call observer) per-call metrics and the call log line.
 
 `FieldSyncInterceptor` wraps each RPC handler so that, in order:
 
@@ -12,6 +13,12 @@
    DATABASE_UNAVAILABLE (logged as a warning); anything else is logged with its
    traceback (logger "fieldsync") and reaches the caller as an opaque INTERNAL.
 
+4. with a `CallObserver` (fieldsync.calls: the service has a metrics address or
+   logs its calls), the call is observed from the same wrapper: its first
+   request message, its status code and duration, its stream open. Health
+   checks and reflection are observed too, still without a token. One
+   interceptor layer doing both costs a call less than two.
+
 Handlers therefore raise domain errors and never call `context.abort` for
 them. Role checks belong to the handlers (`require_role`), since which role a
 call needs depends on what it touches.
@@ -19,12 +26,13 @@ call needs depends on what it touches.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc  # type: ignore[import-untyped, unused-ignore]  # stubs: types-grpcio
 from grpc_status import rpc_status
@@ -35,10 +43,12 @@ from fieldsync.wire_guard import (
     CallReservation,
     RequestBudget,
     check_request,
-    checked_requests,
     guard_deserializer,
     outage_error,
 )
+
+if TYPE_CHECKING:
+    from fieldsync.calls import Call, CallObserver
 
 __all__ = [
     "UNAUTHENTICATED_METHOD_PREFIXES",
@@ -99,11 +109,17 @@ async def _statuses_for_errors(
 
 
 class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, unused-ignore]
-    """Authenticates calls and maps their errors; see the module docstring."""
+    """Authenticates calls, maps their errors and observes them; see the module docstring."""
 
-    def __init__(self, verifier: TokenVerifier, budget: RequestBudget | None = None) -> None:
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        budget: RequestBudget | None = None,
+        observer: CallObserver | None = None,
+    ) -> None:
         self._verifier = verifier
         self.budget = budget  # bytes of requests in flight, in all (fieldsync.wire_guard)
+        self._observer = observer
 
     async def intercept_service(
         self,
@@ -113,77 +129,149 @@ class FieldSyncInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc, un
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
         method: str = handler_call_details.method
-        if handler is None or method.startswith(UNAUTHENTICATED_METHOD_PREFIXES):
-            return handler
+        if method.startswith(UNAUTHENTICATED_METHOD_PREFIXES):
+            if self._observer is None:
+                return handler
+            # Observed like every call, but without a token and outside the budget:
+            # a health check must answer however busy the service is.
+            return self._wrap(handler, method, None, authenticate=False)
         return self._wrap(handler, method, handler_call_details.invocation_metadata)
 
-    def _authenticate(self, metadata: _Metadata | None) -> None:
+    def _authenticate(self, metadata: _Metadata | None) -> Principal:
         # Each RPC runs in its own asyncio task, hence its own copy of the
         # context: the principal set here is seen by this RPC's handler only
         # and needs no reset (a reset from an async generator closed in
         # another context would even fail).
-        _principal.set(self._verifier.verify(bearer_from_metadata(metadata)))
+        principal = self._verifier.verify(bearer_from_metadata(metadata))
+        _principal.set(principal)
+        return principal
 
     def _wrap(
-        self, handler: grpc.RpcMethodHandler[Any, Any], method: str, metadata: _Metadata | None
+        self,
+        handler: grpc.RpcMethodHandler[Any, Any],
+        method: str,
+        metadata: _Metadata | None,
+        *,
+        authenticate: bool = True,
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        """The handler, authenticating first and mapping its errors (one wrapper a shape)."""
-        reservation = CallReservation(self.budget) if self.budget is not None else None
+        """The handler, authenticating first, mapping its errors and observing it (one
+        wrapper a shape)."""
+        reservation = (
+            CallReservation(self.budget) if self.budget is not None and authenticate else None
+        )
         deserializer = guard_deserializer(handler.request_deserializer, reservation)
+        call = _CallSetup(self, method, metadata, reservation, authenticate)
         for kind, request_streams, response_streams, make in _HANDLER_KINDS:
             inner: Callable[..., Any] | None = getattr(handler, kind)
             if inner is None:
                 continue
-            checked = checked_requests if request_streams else check_request
+            checked = _checked_stream if request_streams else _checked_one
             wrapped = (
-                self._streaming(inner, checked, method, metadata, reservation)
-                if response_streams
-                else self._unary(inner, checked, method, metadata, reservation)
+                call.streaming(inner, checked) if response_streams else call.unary(inner, checked)
             )
             return make(wrapped, deserializer, handler.response_serializer)
         raise TypeError(f"{method}: the RPC method handler has no behaviour")
 
-    def _unary(
+
+class _CallSetup:
+    """One call's wrapper, for a handler answering once or with a stream; `checked`
+    vets its request (`_checked_one`) or request stream (`_checked_stream`) and shows
+    the first message to the call's observer."""
+
+    __slots__ = ("authenticate", "interceptor", "metadata", "method", "observer", "reservation")
+
+    def __init__(
         self,
-        inner: Callable[..., Any],
-        checked: Callable[[Any], Any],
+        interceptor: FieldSyncInterceptor,
         method: str,
         metadata: _Metadata | None,
         reservation: CallReservation | None,
-    ) -> Callable[..., Any]:
-        """A handler answering once (unary_unary, stream_unary); `checked` vets its
-        request (check_request) or request stream (checked_requests)."""
+        authenticate: bool,
+    ) -> None:
+        self.interceptor, self.method, self.metadata = interceptor, method, metadata
+        self.reservation, self.authenticate = reservation, authenticate
+        self.observer = interceptor._observer
+
+    def begin(self) -> Call | None:
+        return self.observer.start(self.method) if self.observer is not None else None
+
+    def admit(self, seen: Call | None) -> None:
+        """Authenticate the caller (unless the method needs no token)."""
+        if self.authenticate:
+            principal = self.interceptor._authenticate(self.metadata)
+            if seen is not None:
+                seen.tenant = principal.tenant_id
+
+    def unary(self, inner: Callable[..., Any], checked: _Check) -> Callable[..., Any]:
+        """unary_unary and stream_unary."""
 
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            async with _statuses_for_errors(context, method, reservation):
-                self._authenticate(metadata)
-                return await _result(inner(checked(request), context))
+            seen = self.begin()
+            code = "UNKNOWN"
+            try:
+                async with _statuses_for_errors(context, self.method, self.reservation):
+                    self.admit(seen)
+                    response = await _result(inner(checked(request, seen), context))
+                    code = "OK"
+                    return response
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            finally:
+                if seen is not None:
+                    seen.finish(context, code)
 
         return call
 
-    def _streaming(
-        self,
-        inner: Callable[..., Any],
-        checked: Callable[[Any], Any],
-        method: str,
-        metadata: _Metadata | None,
-        reservation: CallReservation | None,
-    ) -> Callable[..., Any]:
-        """A handler answering with a stream (unary_stream, stream_stream); `checked`
-        as for `_unary`."""
+    def streaming(self, inner: Callable[..., Any], checked: _Check) -> Callable[..., Any]:
+        """unary_stream and stream_stream."""
 
         async def call(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            async with _statuses_for_errors(context, method, reservation):
-                self._authenticate(metadata)
-                outcome = inner(checked(request), context)
-                async with aclosing(_responses(outcome)) as responses:
-                    async for response in responses:
-                        yield response
+            seen = self.begin()
+            code = "UNKNOWN"
+            try:
+                async with _statuses_for_errors(context, self.method, self.reservation):
+                    self.admit(seen)
+                    outcome = inner(checked(request, seen), context)
+                    async with aclosing(_responses(outcome)) as responses:
+                        async for response in responses:
+                            yield response
+                    code = "OK"
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            finally:
+                if seen is not None:
+                    seen.finish(context, code)
 
         return call
+
+
+_Check = Callable[[Any, "Call | None"], Any]
+
+
+def _checked_one(request: Any, seen: Call | None) -> Any:
+    """The request, or MALFORMED_MESSAGE / SERVER_BUSY (wire_guard.check_request);
+    the call's observer sees it."""
+    request = check_request(request)
+    if seen is not None:
+        seen.first(request)
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any], seen: Call | None) -> AsyncIterator[Any]:
+    """The request stream, checked message by message; the call's observer sees the first."""
+    async for request in requests:
+        request = check_request(request)
+        if seen is not None:
+            seen.first(request)
+            seen = None
+        yield request
 
 
 # The four shapes of an RPC handler: its attribute, whether it takes a stream,

@@ -2,7 +2,8 @@
 
 `Operations.start` is called once per process with the service's settings and
 returns what the server is built with: its server credentials (None for
-plaintext), the interceptors to install before the service's own, the
+plaintext), the tracing interceptor to install before the service's own, the
+call observer the service's interceptor is given, the
 metrics (None without a metrics address) and the tracing (None without
 OTEL_EXPORTER_OTLP_ENDPOINT: then fieldsync.tracing, and OpenTelemetry, are
 never imported). `announce` writes the start log line (address, transport,
@@ -71,22 +72,21 @@ class Operations(Generic[M]):
             tracer = Tracing(service)
         return cls(service, tls, metrics, metrics_addr, log_calls, tracer, credentials)
 
-    def interceptors(self, on_request: RequestHook | None = None) -> list[Any]:
-        """Tracing's (outermost, so every span covers the whole call), then the call observer;
-        none at all when nothing is observed."""
-        out: list[Any] = []
-        if self.tracing is not None:
-            out.append(self.tracing.server_interceptor())
-        if self.metrics is not None or self.log_calls:
-            out.append(
-                CallObserver(
-                    self.metrics,
-                    log_calls=self.log_calls,
-                    on_request=on_request,
-                    trace_id=self.tracing.trace_id if self.tracing is not None else None,
-                )
-            )
-        return out
+    def interceptors(self) -> list[Any]:
+        """Tracing's, outermost so every span covers the whole call; none without tracing.
+        The call observer is not one: it rides in FieldSyncInterceptor (`observer`)."""
+        return [self.tracing.server_interceptor()] if self.tracing is not None else []
+
+    def observer(self, on_request: RequestHook | None = None) -> CallObserver | None:
+        """What FieldSyncInterceptor observes calls with; None when nothing is observed."""
+        if self.metrics is None and not self.log_calls:
+            return None
+        return CallObserver(
+            self.metrics,
+            log_calls=self.log_calls,
+            on_request=on_request,
+            trace_id=self.tracing.trace_id if self.tracing is not None else None,
+        )
 
     def serve_metrics(self, log: logging.Logger) -> None:
         if self.metrics is None or self.metrics_addr is None:

@@ -382,9 +382,15 @@ class ServiceApp:
         ]
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """The operations' (tracing, call observer) first, then authentication and errors."""
-        ops = self.ops.interceptors(self.request_hook()) if self.ops is not None else []
-        return [*ops, FieldSyncInterceptor(self.verifier, self.request_budget())]
+        """Tracing's first (with tracing on), then authentication, errors and the call
+        observer (metrics, call logs) in one layer."""
+        if self.ops is None:
+            return [FieldSyncInterceptor(self.verifier, self.request_budget())]
+        observer = self.ops.observer(self.request_hook())
+        return [
+            *self.ops.interceptors(),
+            FieldSyncInterceptor(self.verifier, self.request_budget(), observer),
+        ]
 
     def request_hook(self) -> RequestHook | None:
         """What the call observer tells about each request (None: nothing)."""

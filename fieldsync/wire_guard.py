@@ -4,7 +4,7 @@ grpc.aio runs a method's request deserializer before any handler code: bytes
 that are not the method's message make it answer UNKNOWN (unary calls) or
 raise inside the handler (streamed requests, so INTERNAL), with an ERROR
 traceback each time. `guard_deserializer` turns a parse failure into a
-`Malformed` value instead, which `check_request` / `checked_requests` raise as
+`Malformed` value instead, which `check_request` raises as
 INVALID_ARGUMENT, reason MALFORMED_MESSAGE, without a traceback.
 
 `RequestBudget` bounds the memory requests take in total: each request
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,6 @@ __all__ = [
     "OverBudget",
     "RequestBudget",
     "check_request",
-    "checked_requests",
     "guard_deserializer",
     "outage_error",
 ]
@@ -137,12 +136,6 @@ def check_request(request: Any) -> Any:
             " message was not read: retry later (or send smaller batches)",
         )
     return request
-
-
-async def checked_requests(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """A stream of requests that raises MALFORMED_MESSAGE at the first that did not parse."""
-    async for request in requests:
-        yield check_request(request)
 
 
 def outage_error(err: BaseException) -> Unavailable | None:

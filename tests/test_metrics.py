@@ -5,7 +5,9 @@ read from the start log, as an operator would); an SDK client that queued 12
 writes offline syncs them, and a few direct calls add failures. The scrape
 must show exactly those figures, label sets without any tenant, user or
 client id, the audit outbox gauge back at 0 once the audit service has every
-event, and the audit service's count of events stored by kind.
+event, and the audit service's count of events stored by kind. On
+PostgreSQL, two instances sharing one outbox each report the whole backlog,
+and both fall back to 0 once the audit service has it.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fieldsync.v1 import sync_pb2, sync_pb2_grpc
+from fieldsync.values import FieldValue
 from fieldsync_client import FieldSyncClient
-from tests.proc import SyncProcess, start_audit_service, start_sync_service
+from tests.pg import PG_SKIP_REASON, fresh_pg_database, pg_server_url
+from tests.proc import SyncProcess, free_port, start_audit_service, start_sync_service
 from tests.support import PUT, S, SyncEnv, token
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -188,3 +192,63 @@ def test_without_a_metrics_address_there_is_no_endpoint(tmp_path: Path) -> None:
         assert "metrics on" not in sync.stderr_text()
     finally:
         sync.stop()
+
+
+@pytest.mark.skipif(pg_server_url() is None, reason=PG_SKIP_REASON)
+def test_two_instances_on_postgresql_each_report_the_shared_outbox(tmp_path: Path) -> None:
+    server = pg_server_url()
+    assert server is not None
+    audit_address = f"127.0.0.1:{free_port()}"  # nothing there yet: the events wait
+    with fresh_pg_database(server) as db_url:
+        env = {
+            "FIELDSYNC_SYNC_METRICS_ADDR": "127.0.0.1:0",
+            "FIELDSYNC_AUDIT_ADDR": audit_address,
+            "FIELDSYNC_AUDIT_RELAY_MAX_BACKOFF": "0.5",
+        }
+        syncs = [start_sync_service(db_url, tmp_path, env=env)]
+        try:
+            syncs.append(start_sync_service(db_url, tmp_path, env=env))
+            # Three audit events: two warnings through the first instance, one through
+            # the second.
+            unknown: list[dict[str, FieldValue]] = [
+                {"colour": "red", "legacy_flag": True},
+                {"colour": "blue"},
+            ]
+            for n, (sync, fields) in enumerate(zip(syncs, unknown, strict=True)):
+                with grpc.insecure_channel(sync.address) as ch:
+                    stub = sync_pb2_grpc.SyncServiceStub(ch)
+                    c = SyncEnv(sync.address, ch, stub, db_url).client()
+                    res = c.one(f"t{n}", {"title": "x", **fields}, op=PUT)
+                    assert res.status == S.MUTATION_STATUS_APPLIED
+                    assert len(res.warnings) == len(fields)
+            urls = [metrics_url(sync) for sync in syncs]
+            for url in urls:
+                text, got = scrape(url)
+                assert value(got, "fieldsync_audit_outbox_events") == 3
+                assert value(got, "fieldsync_audit_outbox_oldest_seconds") > 0
+                assert "each reports the whole backlog" in text  # the help text says so
+
+            audit = start_audit_service(
+                f"sqlite:///{tmp_path / 'audit.db'}",
+                tmp_path,
+                address=audit_address,
+                env={"FIELDSYNC_AUDIT_METRICS_ADDR": "127.0.0.1:0"},
+            )
+            try:
+                for url in urls:
+                    got = wait_for(url, "fieldsync_audit_outbox_events", 0)
+                    assert value(got, "fieldsync_audit_outbox_events") == 0
+                    assert value(got, "fieldsync_audit_outbox_oldest_seconds") == 0
+                got = wait_for(
+                    metrics_url(audit),
+                    "fieldsync_audit_events_recorded_total",
+                    3,
+                    kind="validation_warning",
+                )
+                recorded = "fieldsync_audit_events_recorded_total"
+                assert value(got, recorded, kind="validation_warning") == 3
+            finally:
+                audit.stop()
+        finally:
+            for sync in syncs:
+                sync.stop()

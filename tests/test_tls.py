@@ -4,8 +4,10 @@ A CA, server and client certificates, an expired one and one from another CA
 (tests/certs.py): the SDK syncs over TLS; mutual TLS refuses a caller without
 a certificate, with an expired one, or with one from another CA; the sync
 service's relay reaches an audit service that requires mutual TLS and its
-events arrive; a certificate replaced on disk is served to the next
-connection without a restart while a stream opened before goes on; and bad
+events arrive, and go on arriving when the relay's client certificate is
+replaced on disk (new connections present the new one, no restart); a
+certificate replaced on disk is served to the next connection without a
+restart while a stream opened before goes on; and bad
 settings stop the start with a clear message instead of serving plaintext.
 """
 
@@ -83,6 +85,16 @@ def _server_env(pki: PKI, *, mutual: bool = False, pair: Pair | None = None) -> 
     if mutual:
         env["FIELDSYNC_TLS_CLIENT_CA"] = str(pki.ca.pem)
     return env
+
+
+def _relay_env(audit_address: str, pki: PKI, pair: Pair) -> dict[str, str]:
+    """The sync service's relay to an audit service with mutual TLS, presenting `pair`."""
+    return {
+        "FIELDSYNC_AUDIT_ADDR": audit_address,
+        "FIELDSYNC_AUDIT_TLS_CA": str(pki.ca.pem),
+        "FIELDSYNC_AUDIT_TLS_CERT": str(pair.cert),
+        "FIELDSYNC_AUDIT_TLS_KEY": str(pair.key),
+    }
 
 
 @pytest.fixture
@@ -197,12 +209,7 @@ def test_the_relay_delivers_over_mutual_tls_and_a_caller_without_a_certificate_i
         sync = start_sync_service(
             f"sqlite:///{tmp_path / 'sync.db'}",
             tmp_path,
-            env={
-                "FIELDSYNC_AUDIT_ADDR": audit.address,
-                "FIELDSYNC_AUDIT_TLS_CA": str(pki.ca.pem),
-                "FIELDSYNC_AUDIT_TLS_CERT": str(pki.client.cert),
-                "FIELDSYNC_AUDIT_TLS_KEY": str(pki.client.key),
-            },
+            env=_relay_env(audit.address, pki, pki.client),
         )
         try:
             with grpc.insecure_channel(sync.address) as ch:
@@ -288,6 +295,83 @@ def test_a_certificate_replaced_on_disk_reaches_new_connections_while_an_open_st
         assert "TLS certificate reloaded" in proc.stderr_text()
     finally:
         proc.stop()
+
+
+def _audit_events(address: str, creds: grpc.ChannelCredentials, want: int) -> int:
+    """How many events the audit service holds, once it has `want` (or the time is up)."""
+    with grpc.secure_channel(address, creds) as ch:
+        stub = audit_pb2_grpc.AuditServiceStub(ch)
+        auditor = md(token("acme", "ann", ["auditor"]))
+        deadline = time.monotonic() + 20
+        while True:
+            got = stub.QueryEvents(audit_pb2.QueryEventsRequest(), metadata=auditor, timeout=5)
+            if len(got.events) >= want or time.monotonic() > deadline:
+                return len(got.events)
+            time.sleep(0.1)
+
+
+def test_the_relays_client_certificate_replaced_on_disk_is_used_without_a_restart(
+    tmp_path: Path, pki: PKI
+) -> None:
+    # The audit service trusts both CAs while the relay moves from one to the other.
+    both = tmp_path / "both-cas.pem"
+    both.write_bytes(pki.ca.pem.read_bytes() + pki.other_ca.pem.read_bytes())
+    relay_pair = Pair(tmp_path / "relay.pem", tmp_path / "relay.key")
+    _replace(pki.client, relay_pair)
+    audit_db = f"sqlite:///{tmp_path / 'audit.db'}"
+    first_creds, new_creds = _raw(pki.ca.pem, pki.client), _raw(pki.ca.pem, pki.stranger)
+    audit = start_audit_service(
+        audit_db,
+        tmp_path,
+        env={**_server_env(pki), "FIELDSYNC_TLS_CLIENT_CA": str(both)},
+        credentials=first_creds,
+    )
+    try:
+        sync = start_sync_service(
+            f"sqlite:///{tmp_path / 'sync.db'}",
+            tmp_path,
+            env={
+                **_relay_env(audit.address, pki, relay_pair),
+                "FIELDSYNC_AUDIT_RELAY_MAX_BACKOFF": "0.5",
+            },
+        )
+        try:
+            pid = sync.pid
+            with grpc.insecure_channel(sync.address) as ch:
+                env = SyncEnv(sync.address, ch, sync_pb2_grpc.SyncServiceStub(ch), sync.db_url)
+                c = env.client(sub="rep")
+
+                def audited_write(n: int) -> None:  # one unknown field: one audit event
+                    res = c.one(f"t{n}", {"title": "a", "colour": "red"}, op=PUT)
+                    assert res.status == S.MUTATION_STATUS_APPLIED and len(res.warnings) == 1
+
+                audited_write(1)
+                assert _audit_events(audit.address, first_creds, 1) == 1
+
+                # The relay's certificate is replaced by one of the other CA: delivery goes on.
+                _replace(pki.stranger, relay_pair)
+                audited_write(2)
+                assert _audit_events(audit.address, first_creds, 2) == 2
+
+                # An audit service that trusts only the other CA now (a restart: every
+                # connection new) gets the relay's next events: it presents the new one.
+                address = audit.address
+                audit.stop()
+                audit = start_audit_service(
+                    audit_db,
+                    tmp_path,
+                    address=address,
+                    env={**_server_env(pki), "FIELDSYNC_TLS_CLIENT_CA": str(pki.other_ca.pem)},
+                    credentials=new_creds,
+                )
+                assert not _healthy(address, first_creds)  # the old certificate is refused
+                audited_write(3)
+                assert _audit_events(address, new_creds, 3) == 3
+            assert sync.alive() and sync.pid == pid  # never restarted
+        finally:
+            sync.stop()
+    finally:
+        audit.stop()
 
 
 @pytest.mark.parametrize(

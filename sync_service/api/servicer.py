@@ -336,6 +336,8 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
             request.conflict_id,
             int(request.resolution),
             fields_from_proto(request.fields),
+            # With tracing on, the answer's audit events carry this call's trace.
+            traceparent=self._trace_source() if self._trace_source is not None else None,
         )
         out = sync_pb2.ResolveConflictResponse()
         if record.version:

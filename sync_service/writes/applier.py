@@ -235,7 +235,13 @@ class Applier:
     # -- conflicts ----------------------------------------------------------------
 
     def resolve_conflict(
-        self, principal: Principal, conflict_id: str, resolution: int, fields: Fields
+        self,
+        principal: Principal,
+        conflict_id: str,
+        resolution: int,
+        fields: Fields,
+        *,
+        traceparent: str | None = None,
     ) -> StoredRecord:
         if resolution not in tuple(Resolution):
             raise InvalidArgument(
@@ -259,6 +265,7 @@ class Applier:
                 raise role_error(rules.spec)
             client = ClientRow("resolve:" + uuid.uuid4().hex, principal.tenant_id, principal.sub)
             run = BatchRun(tx, self._rules, principal, client, self._schema.version, self._clock)
+            run.audit.traceparent = traceparent  # the call's trace, through the outbox
             if resolution == Resolution.KEEP_THEIRS or rules is None:
                 record = run.keep_theirs(conflict)
             else:

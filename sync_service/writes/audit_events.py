@@ -282,6 +282,7 @@ class MutationEvents:
                 client_schema_version=self.client_schema_version,
                 message=f"conflict {conflict.conflict_id} resolved: kept the server's values",
                 details={"conflict_id": conflict.conflict_id, "resolution": "KEEP_THEIRS"},
+                traceparent=self.traceparent,
             )
         )
 

@@ -96,13 +96,24 @@ class WriteScheduler:
         return await done
 
     async def resolve_conflict(
-        self, principal: Principal, conflict_id: str, resolution: int, fields: Fields
+        self,
+        principal: Principal,
+        conflict_id: str,
+        resolution: int,
+        fields: Fields,
+        *,
+        traceparent: str | None = None,
     ) -> StoredRecord:
         """Answer a conflict in a write slot of its own (Applier.resolve_conflict)."""
         await self._take_slot()
         work = asyncio.ensure_future(
             asyncio.to_thread(
-                self._applier.resolve_conflict, principal, conflict_id, resolution, fields
+                self._applier.resolve_conflict,
+                principal,
+                conflict_id,
+                resolution,
+                fields,
+                traceparent=traceparent,
             )
         )
         # The slot is the transaction's, not the call's: a caller that goes away
