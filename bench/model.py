@@ -46,7 +46,7 @@ import random
 import sys
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,6 +64,7 @@ class Calibration:
     db_cpu: float = 0.0  # PostgreSQL's CPU seconds per mutation (0: not bounded)
     machine_cpu: float = 0.0  # everything's CPU seconds per mutation here (service, db, client)
     cores_free: float = 2.0  # the CPUs of this machine the run had (less the others' load)
+    pipelined: bool = False  # a stream decides its next batch while the last one writes
 
     @classmethod
     def measured(
@@ -76,12 +77,17 @@ class Calibration:
         db_cpu: float = 0.0,
         machine_cpu: float = 0.0,
         cores_free: float = 2.0,
+        pipelined: bool = False,
     ) -> Calibration:
         """From one stream through one process: mutations/s, the shares of its time spent
-        in the commit section and on the service's CPU, and CPU seconds per mutation."""
+        in the commit section and on the service's CPU, and CPU seconds per mutation.
+
+        Not pipelined, a batch's time is its deciding and its commit section, one
+        after the other. Pipelined, they overlap, so the deciding time is the one
+        with which the model's one stream makes the measured rate (bisection)."""
         per_batch = batch / rate
         section = min(max(section_share, 0.0), 1.0) * per_batch
-        return cls(
+        cal = cls(
             batch,
             per_batch - section,
             section,
@@ -89,7 +95,19 @@ class Calibration:
             db_cpu,
             machine_cpu,
             cores_free,
+            pipelined,
         )
+        if not pipelined:
+            return cal
+        low, high = 0.0, per_batch
+        for _ in range(30):
+            mid = (low + high) / 2
+            trial = replace(cal, decide=mid)
+            if simulate(trial, instances=1, stream_tenants=[0], lock="tenant") > rate:
+                low = mid  # too fast: deciding takes longer
+            else:
+                high = mid
+        return replace(cal, decide=(low + high) / 2)
 
 
 class _Sim:
@@ -166,19 +184,34 @@ def simulate(
 
     def stream(inst: int, tenant: int) -> None:
         mutex = locks.setdefault(0 if lock == "global" else tenant, _Resource(1))
+        state = {"writing": False, "decided": False}
 
-        def batch() -> None:
-            phase(inst, cal.decide, lambda: mutex.take(enter))
+        def decide() -> None:
+            phase(inst, cal.decide, decided)
+
+        def decided() -> None:
+            if state["writing"]:  # pipelined: the batch before is still writing
+                state["decided"] = True
+            else:
+                mutex.take(enter)
 
         def enter() -> None:
+            state["writing"] = True
+            if cal.pipelined:
+                decide()  # the next batch decides while this one writes and commits
             phase(inst, cal.section, leave)
 
         def leave() -> None:
             mutex.give()
             done[0] += cal.batch
-            batch()
+            state["writing"] = False
+            if not cal.pipelined:
+                decide()
+            elif state["decided"]:
+                state["decided"] = False
+                mutex.take(enter)
 
-        batch()
+        decide()
 
     for i, tenant in enumerate(stream_tenants):
         stream(i % instances, tenant)

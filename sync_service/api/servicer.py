@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
@@ -66,7 +67,10 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         self._storage = storage
         self._notifier = notifier
         self._writes = WriteScheduler(
-            applier, combine=storage.combine_writes, on_written=notifier.notify
+            applier,
+            combine=storage.combine_writes,
+            on_written=notifier.notify,
+            pipeline=storage.pipeline_writes,
         )
         self._page = pull_page_size
         self._poll = subscribe_poll_seconds
@@ -143,35 +147,53 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
             READ_AHEAD,
             self._applier.max_batch,
         )
-        running: asyncio.Future[list[sync_pb2.SyncResponse]] | None = None
+        # Where writes pipeline (PostgreSQL), the next group starts as soon as a
+        # batch is waiting, and decides while the one before commits
+        # (writes/pipeline.py): two groups in flight, answered in order.
+        depth = 2 if self._writes.pipelines else 1
+        running: deque[asyncio.Future[list[sync_pb2.SyncResponse]]] = deque()
+
+        def start(group: list[BatchIn]) -> None:
+            running.append(
+                asyncio.ensure_future(self._apply(principal, group, sync_pb2.SyncResponse, compact))
+            )
+
         try:
             while True:
-                if running is None:
+                if not running:
                     group = await inbox.group()  # nothing is applying: wait for the client
                     if not group:
                         inbox.raise_error()
                         return
-                    running = asyncio.ensure_future(
-                        self._apply(principal, group, sync_pb2.SyncResponse, compact)
-                    )
-                answers = await running
-                running = None
-                group = inbox.group_waiting()
-                if group:
-                    running = asyncio.ensure_future(
-                        self._apply(principal, group, sync_pb2.SyncResponse, compact)
-                    )
+                    start(group)
+                while len(running) < depth and not running[0].done():
+                    group = inbox.group_waiting()
+                    if group:
+                        start(group)
+                        continue
+                    arrival = asyncio.ensure_future(inbox.wait())
+                    await asyncio.wait((running[0], arrival), return_when=asyncio.FIRST_COMPLETED)
+                    if not arrival.done():
+                        arrival.cancel()
+                    if inbox.ended:
+                        break
+                answers = await running.popleft()
+                if len(running) < depth:
+                    group = inbox.group_waiting()
+                    if group:
+                        start(group)
                 for answer in answers:
                     yield answer
-                if running is None and inbox.ended:
+                if not running and inbox.ended:
                     inbox.raise_error()  # a bad message after these: they got their answers
                     return
         finally:
             inbox.close()
-            if running is not None and not running.done():
-                # The stream ended early: the batches apply anyway (they are
-                # durable, and a resend is answered DUPLICATE); nobody waits.
-                running.add_done_callback(log_left_behind)
+            for left in running:
+                if not left.done():
+                    # The stream ended early: the batches apply anyway (they are
+                    # durable, and a resend is answered DUPLICATE); nobody waits.
+                    left.add_done_callback(log_left_behind)
 
     async def _next_batch(
         self, requests: AsyncIterator[sync_pb2.SyncRequest], client_id: str, schema_version: int
