@@ -54,7 +54,7 @@ class WatchedLink(Link):
 
     def ready(self, decided: Ahead | None) -> None:
         self.decided.set()
-        self.attempts.append("ahead" if self._used else "stored")  # noqa: SLF001
+        self.attempts.append("ahead" if self._used else "stored")
         super().ready(decided)
 
     def committed(self) -> None:

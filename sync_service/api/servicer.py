@@ -147,16 +147,17 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
             READ_AHEAD,
             self._applier.max_batch,
         )
-        # Where writes pipeline (PostgreSQL), the next group starts as soon as a
-        # batch is waiting, and decides while the one before commits
-        # (writes/pipeline.py): two groups in flight, answered in order.
+        # Where writes pipeline (PostgreSQL), the next group starts once the one
+        # before has decided and goes on to write, with the batches waiting by
+        # then, and decides while that one commits (writes/pipeline.py): two
+        # groups in flight, answered in order.
         depth = 2 if self._writes.pipelines else 1
-        running: deque[asyncio.Future[list[sync_pb2.SyncResponse]]] = deque()
+        running: deque[tuple[asyncio.Future[list[sync_pb2.SyncResponse]], asyncio.Event]] = deque()
 
         def start(group: list[BatchIn]) -> None:
-            running.append(
-                asyncio.ensure_future(self._apply(principal, group, sync_pb2.SyncResponse, compact))
-            )
+            decided = asyncio.Event()
+            work = self._apply(principal, group, sync_pb2.SyncResponse, compact, decided)
+            running.append((asyncio.ensure_future(work), decided))
 
         try:
             while True:
@@ -166,18 +167,22 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                         inbox.raise_error()
                         return
                     start(group)
-                while len(running) < depth and not running[0].done():
-                    group = inbox.group_waiting()
-                    if group:
-                        start(group)
-                        continue
-                    arrival = asyncio.ensure_future(inbox.wait())
-                    await asyncio.wait((running[0], arrival), return_when=asyncio.FIRST_COMPLETED)
-                    if not arrival.done():
-                        arrival.cancel()
-                    if inbox.ended:
-                        break
-                answers = await running.popleft()
+                while len(running) < depth and not running[0][0].done():
+                    current, decided = running[0]
+                    if decided.is_set():
+                        group = inbox.group_waiting()
+                        if group:
+                            start(group)
+                            continue
+                        if inbox.ended:
+                            break
+                    wake = asyncio.ensure_future(
+                        inbox.wait() if decided.is_set() else decided.wait()
+                    )
+                    await asyncio.wait((current, wake), return_when=asyncio.FIRST_COMPLETED)
+                    if not wake.done():
+                        wake.cancel()
+                answers = await running.popleft()[0]
                 if len(running) < depth:
                     group = inbox.group_waiting()
                     if group:
@@ -189,7 +194,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                     return
         finally:
             inbox.close()
-            for left in running:
+            for left, _ in running:
                 if not left.done():
                     # The stream ended early: the batches apply anyway (they are
                     # durable, and a resend is answered DUPLICATE); nobody waits.
@@ -225,13 +230,14 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         batches: list[BatchIn],
         answer: type[Answer],
         compact: bool = False,
+        decided: asyncio.Event | None = None,
     ) -> list[Answer]:
         """One client's batches through the scheduler; an `answer` message for each
         (`compact`: SyncHello.compact_results, see api/convert.outcome_to_proto)."""
         if self._trace_source is not None and (traceparent := self._trace_source()):
             batches = [replace(b, traceparent=traceparent) for b in batches]
         return await self._writes.apply(
-            principal, batches, lambda outcomes: batch_answers(outcomes, answer, compact)
+            principal, batches, lambda outcomes: batch_answers(outcomes, answer, compact), decided
         )
 
     async def Pull(

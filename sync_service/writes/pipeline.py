@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 
 from sync_service.storage.base import Ahead, WriteConflict
 
@@ -48,6 +49,7 @@ class Link:
         self._committed = 0  # the attempt that committed (0: none)
         self._ended = False
         self._used = 0  # the attempt of `before` this write decided on (0: none)
+        self.on_ready: Callable[[], None] | None = None  # told when this write hands on
 
     # -- the write before -----------------------------------------------------
 
@@ -83,6 +85,8 @@ class Link:
             self._attempt = next(_attempts)
             self._published = None if decided is None else (decided, self._attempt)
             self._cond.notify_all()
+        if self.on_ready is not None:
+            self.on_ready()
 
     def settle(self) -> None:
         """Wait until the write before has ended (before deciding again, exclusively)."""

@@ -90,7 +90,11 @@ class WriteScheduler:
         self.write_transactions = 0  # the transactions they took
 
     async def apply(
-        self, principal: Principal, batches: list[BatchIn], answers: Answers[A]
+        self,
+        principal: Principal,
+        batches: list[BatchIn],
+        answers: Answers[A],
+        decided: asyncio.Event | None = None,
     ) -> list[A]:
         """Apply one client's batches, in order; an answer message for each, once committed.
 
@@ -102,11 +106,12 @@ class WriteScheduler:
         call into a commit per round; a call alone starts at once, as before.
         A write whose caller went away before it started is dropped; one
         that started commits anyway (it is durable, and a resend is answered
-        DUPLICATE).
+        DUPLICATE). `decided` (pipelining) is set once the write has decided
+        and goes on to write (or has ended): the time to start the client's next.
         """
         size = sum(len(b.mutations) for b in batches)
         done: asyncio.Future[list[A]] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Write(principal, batches, size, answers, done))
+        self._waiting.append(_Write(principal, batches, size, answers, done, decided))
         self._start_writes()
         return await done
 
@@ -159,6 +164,8 @@ class WriteScheduler:
                 client_id = group[0].batches[0].client_id
                 before = self._links.get(client_id)
                 link = self._links[client_id] = Link(before)
+                if group[0].decided is not None:
+                    link.on_ready = _setter(group[0].decided)
             task = asyncio.ensure_future(self._write(group, total, link))
             self._writing.add(task)
 
@@ -215,6 +222,9 @@ class WriteScheduler:
             task = asyncio.current_task()
             assert task is not None
             self._writing.discard(task)
+            for w in group:
+                if w.decided is not None:
+                    w.decided.set()
             if link is not None:
                 link.end()  # (the thread ended it; if it never ran, here)
                 client_id = group[0].batches[0].client_id
@@ -274,6 +284,7 @@ class _Write(Generic[A]):
     size: int  # mutations
     answers: Answers[A]
     done: asyncio.Future[list[A]]
+    decided: asyncio.Event | None = None  # set when its decisions are handed on (pipelining)
     queued_at: float = field(default_factory=time.perf_counter)  # for the lock-wait metric
 
 
@@ -293,6 +304,16 @@ def _answers_each(
             log.exception("building the answers of a committed write failed")
             out.append(err)
     return out
+
+
+def _setter(event: asyncio.Event) -> Callable[[], None]:
+    """Sets `event` from a worker thread (on the event loop that runs now)."""
+    loop = asyncio.get_running_loop()
+
+    def set_it() -> None:
+        loop.call_soon_threadsafe(event.set)
+
+    return set_it
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:
