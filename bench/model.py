@@ -3,9 +3,11 @@
 What it models: reconnecting clients, each one `Sync` stream of batches on
 one instance, each batch decided (reads and the merge, outside any lock) and
 then written in the commit section (the feed lock: one global lock, the old
-way, or the batch's tenant's row, the new way). A stream sends its next
-batch only once the last one committed (the service does not pipeline a
-stream). Work is of two kinds:
+way, or the batch's tenant's row, the new way). Not pipelined, a stream
+decides its next batch only once the last one committed; pipelined
+(`Calibration.pipelined`, what the PostgreSQL service does since issue 17:
+writes/pipeline.py), it decides the next one while the last one is in its
+commit section, and enters the section after it. Work is of two kinds:
 
 - **instance CPU** (the GIL): a share `cpu_share` of each phase's time runs
   Python on the instance and queues for that instance's one interpreter;
@@ -16,8 +18,11 @@ Calibration (`Calibration.measured`) comes from one stream through one
 process on this machine, as `reconnect_pg_tenants` measures it: its rate
 (so the time per batch, T = batch / rate), the share of T spent inside the
 commit section (sampled from PostgreSQL, bench/locksampler.py) and the
-share of T the service process was on a CPU. So the model reproduces the
-one-process figure by construction, and its other predictions are checks.
+share of T the service process was on a CPU. Pipelined, deciding and the
+section overlap, so the deciding time is solved for (bisection) as the one
+with which the model's one stream makes the measured rate. So the model
+reproduces the one-process figure by construction, and its other
+predictions are checks.
 
 `this_machine` models the bench's machine: the queues above, bounded by
 what the CPUs the run had (`cores_free`: 2 less what the machine's other
@@ -333,6 +338,7 @@ def _from_results(path: Path) -> tuple[Calibration, dict[str, object]]:
         db_cpu=float(f["db_cpu_us_per_mutation_1"]) / 1e6,
         machine_cpu=float(f["machine_cpu_us_per_mutation_1"]) / 1e6,
         cores_free=float(f["cores_free"]),
+        pipelined=bool(f.get("pipelined", True)),  # the service pipelines since issue 17
     )
     return cal, f
 
@@ -344,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--section-share", type=float, default=0.3)
     p.add_argument("--cpu-share", type=float, default=0.9)
     p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--pipelined", action="store_true", help="the stream pipelines (--rate)")
     p.add_argument("--db-cpu-us", type=float, default=0.0, help="PostgreSQL CPU µs a mutation")
     p.add_argument("--db-cores", type=int, default=16)
     p.add_argument("--png", type=Path, default=RESULTS / "model.png")
@@ -356,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             section_share=args.section_share,
             service_cpu_share=args.cpu_share,
             db_cpu=args.db_cpu_us / 1e6,
+            pipelined=args.pipelined,
         )
     else:
         cal, measured = _from_results(args.results)
