@@ -179,9 +179,10 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
                     wake = asyncio.ensure_future(
                         inbox.wait() if decided.is_set() else decided.wait()
                     )
-                    await asyncio.wait((current, wake), return_when=asyncio.FIRST_COMPLETED)
-                    if not wake.done():
-                        wake.cancel()
+                    try:
+                        await asyncio.wait((current, wake), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        wake.cancel()  # (done: no-op)
                 answers = await running.popleft()[0]
                 if len(running) < depth:
                     group = inbox.group_waiting()
