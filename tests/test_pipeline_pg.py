@@ -25,7 +25,7 @@ from sync_service.rules.merge import Op
 from sync_service.storage.base import Ahead
 from sync_service.storage.sql import SqlStorage
 from sync_service.writes.applier import Applier
-from sync_service.writes.model import BatchOutcome
+from sync_service.writes.model import BatchIn, BatchOutcome
 from sync_service.writes.pipeline import Link
 from tests.test_combined_writes import SCHEMA, batch, counter_clock, m
 
@@ -188,3 +188,62 @@ def test_a_decision_made_while_the_last_write_commits_is_written_when_still_true
     assert link.attempts == ["ahead", "committed"]  # one attempt: what it decided on held
     assert (first, nxt, hist) == (ref_first, ref_next, ref_hist)
     assert nxt[0][1] == "APPLIED" and nxt[0][2] is not None and nxt[0][2][0] == 3
+
+
+class RacedLink(Link):
+    """The first write's Link: once it has handed its decisions on, and the next write
+    has decided on them, `race` runs (another instance's commit) before it writes."""
+
+    def __init__(self, after_decided: threading.Event, race: Callable[[], object]) -> None:
+        super().__init__(None)
+        self._after_decided = after_decided
+        self._race: Callable[[], object] | None = race
+        self.attempts = 0
+
+    def ready(self, decided: Ahead | None) -> None:
+        super().ready(decided)
+        self.attempts += 1
+        race, self._race = self._race, None
+        if race is not None:  # the first attempt only
+            assert self._after_decided.wait(WAIT), "the next write did not decide ahead"
+            race()
+
+
+def test_a_decision_on_an_attempt_that_did_not_commit_is_redone(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The write before is itself decided again (another instance changed its record
+    between its decision and its write): the next write, decided on its first
+    attempt, is not written but redone, on what that write's second attempt did."""
+    other = batch("tablet", m(1, Op.PATCH, "t1", {"title": "Fix pump now"}, base=1))
+    with appliers(pg_url, 2) as (phone_instance, other_instance):
+        phone_instance.apply_batches(ALICE, [SEED])
+        next_decided = threading.Event()
+        first_link = RacedLink(next_decided, lambda: other_instance.apply_batches(BOB, [other]))
+        next_link = WatchedLink(first_link)
+        next_link.decided = next_decided
+
+        def run(link: Link, b: BatchIn) -> list[list[BatchOutcome] | Exception]:
+            try:
+                return phone_instance.apply_many([(ALICE, [b])], None, link)
+            finally:
+                link.end()
+
+        with ThreadPoolExecutor(2) as pool:
+            first_done = pool.submit(run, first_link, FIRST)
+            next_done = pool.submit(run, next_link, NEXT)
+            (first_out,) = first_done.result(timeout=WAIT)
+            (next_out,) = next_done.result(timeout=WAIT)
+        assert not isinstance(first_out, Exception) and not isinstance(next_out, Exception)
+        hist = history(phone_instance)
+    assert first_link.attempts == 2  # its first attempt met the tablet's version
+    assert next_link.attempts == ["ahead", "stored", "committed"]
+    # The reference: the tablet's write first, then the phone's two.
+    with appliers(f"sqlite:///{tmp_path / 'serial.db'}", 1) as (a,):
+        a.apply_batches(ALICE, [SEED])
+        a.apply_batches(BOB, [other])
+        assert told(first_out) == told(a.apply_batches(ALICE, [FIRST]))
+        assert told(next_out) == told(a.apply_batches(ALICE, [NEXT]))
+        assert hist == history(a)
+    assert told(first_out)[0][1] == "MERGED" and told(next_out)[0][1] == "CONFLICT"
+    assert [v for v, _ in hist] == list(range(1, len(hist) + 1))
