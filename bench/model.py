@@ -3,9 +3,11 @@
 What it models: reconnecting clients, each one `Sync` stream of batches on
 one instance, each batch decided (reads and the merge, outside any lock) and
 then written in the commit section (the feed lock: one global lock, the old
-way, or the batch's tenant's row, the new way). A stream sends its next
-batch only once the last one committed (the service does not pipeline a
-stream). Work is of two kinds:
+way, or the batch's tenant's row, the new way). Not pipelined, a stream
+decides its next batch only once the last one committed; pipelined
+(`Calibration.pipelined`, what the PostgreSQL service does since issue 17:
+writes/pipeline.py), it decides the next one while the last one is in its
+commit section, and enters the section after it. Work is of two kinds:
 
 - **instance CPU** (the GIL): a share `cpu_share` of each phase's time runs
   Python on the instance and queues for that instance's one interpreter;
@@ -16,8 +18,11 @@ Calibration (`Calibration.measured`) comes from one stream through one
 process on this machine, as `reconnect_pg_tenants` measures it: its rate
 (so the time per batch, T = batch / rate), the share of T spent inside the
 commit section (sampled from PostgreSQL, bench/locksampler.py) and the
-share of T the service process was on a CPU. So the model reproduces the
-one-process figure by construction, and its other predictions are checks.
+share of T the service process was on a CPU. Pipelined, deciding and the
+section overlap, so the deciding time is solved for (bisection) as the one
+with which the model's one stream makes the measured rate. So the model
+reproduces the one-process figure by construction, and its other
+predictions are checks.
 
 `this_machine` models the bench's machine: the queues above, bounded by
 what the CPUs the run had (`cores_free`: 2 less what the machine's other
@@ -46,7 +51,7 @@ import random
 import sys
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,6 +69,7 @@ class Calibration:
     db_cpu: float = 0.0  # PostgreSQL's CPU seconds per mutation (0: not bounded)
     machine_cpu: float = 0.0  # everything's CPU seconds per mutation here (service, db, client)
     cores_free: float = 2.0  # the CPUs of this machine the run had (less the others' load)
+    pipelined: bool = False  # a stream decides its next batch while the last one writes
 
     @classmethod
     def measured(
@@ -76,12 +82,17 @@ class Calibration:
         db_cpu: float = 0.0,
         machine_cpu: float = 0.0,
         cores_free: float = 2.0,
+        pipelined: bool = False,
     ) -> Calibration:
         """From one stream through one process: mutations/s, the shares of its time spent
-        in the commit section and on the service's CPU, and CPU seconds per mutation."""
+        in the commit section and on the service's CPU, and CPU seconds per mutation.
+
+        Not pipelined, a batch's time is its deciding and its commit section, one
+        after the other. Pipelined, they overlap, so the deciding time is the one
+        with which the model's one stream makes the measured rate (bisection)."""
         per_batch = batch / rate
         section = min(max(section_share, 0.0), 1.0) * per_batch
-        return cls(
+        cal = cls(
             batch,
             per_batch - section,
             section,
@@ -89,7 +100,19 @@ class Calibration:
             db_cpu,
             machine_cpu,
             cores_free,
+            pipelined,
         )
+        if not pipelined:
+            return cal
+        low, high = 0.0, per_batch
+        for _ in range(30):
+            mid = (low + high) / 2
+            trial = replace(cal, decide=mid)
+            if simulate(trial, instances=1, stream_tenants=[0], lock="tenant") > rate:
+                low = mid  # too fast: deciding takes longer
+            else:
+                high = mid
+        return replace(cal, decide=(low + high) / 2)
 
 
 class _Sim:
@@ -166,19 +189,34 @@ def simulate(
 
     def stream(inst: int, tenant: int) -> None:
         mutex = locks.setdefault(0 if lock == "global" else tenant, _Resource(1))
+        state = {"writing": False, "decided": False}
 
-        def batch() -> None:
-            phase(inst, cal.decide, lambda: mutex.take(enter))
+        def decide() -> None:
+            phase(inst, cal.decide, decided)
+
+        def decided() -> None:
+            if state["writing"]:  # pipelined: the batch before is still writing
+                state["decided"] = True
+            else:
+                mutex.take(enter)
 
         def enter() -> None:
+            state["writing"] = True
+            if cal.pipelined:
+                decide()  # the next batch decides while this one writes and commits
             phase(inst, cal.section, leave)
 
         def leave() -> None:
             mutex.give()
             done[0] += cal.batch
-            batch()
+            state["writing"] = False
+            if not cal.pipelined:
+                decide()
+            elif state["decided"]:
+                state["decided"] = False
+                mutex.take(enter)
 
-        batch()
+        decide()
 
     for i, tenant in enumerate(stream_tenants):
         stream(i % instances, tenant)
@@ -300,6 +338,7 @@ def _from_results(path: Path) -> tuple[Calibration, dict[str, object]]:
         db_cpu=float(f["db_cpu_us_per_mutation_1"]) / 1e6,
         machine_cpu=float(f["machine_cpu_us_per_mutation_1"]) / 1e6,
         cores_free=float(f["cores_free"]),
+        pipelined=bool(f.get("pipelined", True)),  # the service pipelines since issue 17
     )
     return cal, f
 
@@ -311,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--section-share", type=float, default=0.3)
     p.add_argument("--cpu-share", type=float, default=0.9)
     p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--pipelined", action="store_true", help="the stream pipelines (--rate)")
     p.add_argument("--db-cpu-us", type=float, default=0.0, help="PostgreSQL CPU µs a mutation")
     p.add_argument("--db-cores", type=int, default=16)
     p.add_argument("--png", type=Path, default=RESULTS / "model.png")
@@ -323,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             section_share=args.section_share,
             service_cpu_share=args.cpu_share,
             db_cpu=args.db_cpu_us / 1e6,
+            pipelined=args.pipelined,
         )
     else:
         cal, measured = _from_results(args.results)

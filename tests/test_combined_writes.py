@@ -28,7 +28,7 @@ from fieldsync.values import Timestamp
 from sync_service.rules.merge import Op
 from sync_service.schema_file import DEFAULT_SCHEMA_PATH, load_schema
 from sync_service.server import SyncApp
-from sync_service.storage.base import BatchWrite
+from sync_service.storage.base import Ahead, BatchWrite
 from sync_service.storage.sql import SqlStorage
 from sync_service.storage.transactions import SqlWriteTx
 from sync_service.writes.applier import Applier
@@ -212,8 +212,10 @@ class FailingFor(SqlStorage):
         self.doomed = doomed
         self.error = error
 
-    def write_transaction(self, *, exclusive: bool = False, tenants: Sequence[str] = ()) -> Any:
-        inner = super().write_transaction(exclusive=exclusive, tenants=tenants)
+    def write_transaction(
+        self, *, exclusive: bool = False, tenants: Sequence[str] = (), ahead: Ahead | None = None
+    ) -> Any:
+        inner = super().write_transaction(exclusive=exclusive, tenants=tenants, ahead=ahead)
 
         @contextmanager
         def wrapped() -> Iterator[SqlWriteTx]:

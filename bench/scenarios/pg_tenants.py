@@ -129,6 +129,7 @@ def run(ctx: Ctx) -> dict[str, Figures]:
             db_cpu=float(one["db_cpu_us_per_mutation"]) / 1e6,  # type: ignore[arg-type]
             machine_cpu=float(one["machine_cpu_us_per_mutation"]) / 1e6,  # type: ignore[arg-type]
             cores_free=float(four["cores_free"]),  # type: ignore[arg-type]
+            pipelined=True,  # the service pipelines a stream's groups (writes/pipeline.py)
         )
         predicted = model.this_machine(cal, instances=PROCESSES, tenants=TENANTS, lock="tenant")
         predicted_one_tenant = model.this_machine(
@@ -147,6 +148,7 @@ def run(ctx: Ctx) -> dict[str, Figures]:
             "machine_cpu_us_per_mutation_1": one["machine_cpu_us_per_mutation"],
             "cores_free_1": one["cores_free"],
             "cores_free": four["cores_free"],
+            "pipelined": True,
             "model_value": round(predicted, 1),
             "model_error": round(predicted / v4 - 1, 4) if v4 > 0 else 0.0,
             "model_value_2_processes_1_tenant": round(predicted_one_tenant, 1),

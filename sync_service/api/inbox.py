@@ -61,6 +61,16 @@ class Inbox:
             self._held = item
         return self.group_waiting()
 
+    async def wait(self) -> None:
+        """Until a batch (or the end) is waiting; taking nothing (cancellable)."""
+        if self.ended or self._held is not None:
+            return
+        item = await self._queue.get()
+        if item is None:
+            self.ended = True
+        else:
+            self._held = item
+
     def group_waiting(self) -> list[BatchIn]:
         """The batches already waiting (maybe none), up to max_mutations in all (or one)."""
         out: list[BatchIn] = []

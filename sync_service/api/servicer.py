@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
@@ -66,7 +67,10 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         self._storage = storage
         self._notifier = notifier
         self._writes = WriteScheduler(
-            applier, combine=storage.combine_writes, on_written=notifier.notify
+            applier,
+            combine=storage.combine_writes,
+            on_written=notifier.notify,
+            pipeline=storage.pipeline_writes,
         )
         self._page = pull_page_size
         self._poll = subscribe_poll_seconds
@@ -143,35 +147,59 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
             READ_AHEAD,
             self._applier.max_batch,
         )
-        running: asyncio.Future[list[sync_pb2.SyncResponse]] | None = None
+        # Where writes pipeline (PostgreSQL), the next group starts once the one
+        # before has decided and goes on to write, with the batches waiting by
+        # then, and decides while that one commits (writes/pipeline.py): two
+        # groups in flight, answered in order.
+        depth = 2 if self._writes.pipelines else 1
+        running: deque[tuple[asyncio.Future[list[sync_pb2.SyncResponse]], asyncio.Event]] = deque()
+
+        def start(group: list[BatchIn]) -> None:
+            decided = asyncio.Event()
+            work = self._apply(principal, group, sync_pb2.SyncResponse, compact, decided)
+            running.append((asyncio.ensure_future(work), decided))
+
         try:
             while True:
-                if running is None:
+                if not running:
                     group = await inbox.group()  # nothing is applying: wait for the client
                     if not group:
                         inbox.raise_error()
                         return
-                    running = asyncio.ensure_future(
-                        self._apply(principal, group, sync_pb2.SyncResponse, compact)
+                    start(group)
+                while len(running) < depth and not running[0][0].done():
+                    current, decided = running[0]
+                    if decided.is_set():
+                        group = inbox.group_waiting()
+                        if group:
+                            start(group)
+                            continue
+                        if inbox.ended:
+                            break
+                    wake = asyncio.ensure_future(
+                        inbox.wait() if decided.is_set() else decided.wait()
                     )
-                answers = await running
-                running = None
-                group = inbox.group_waiting()
-                if group:
-                    running = asyncio.ensure_future(
-                        self._apply(principal, group, sync_pb2.SyncResponse, compact)
-                    )
+                    try:
+                        await asyncio.wait((current, wake), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        wake.cancel()  # (done: no-op)
+                answers = await running.popleft()[0]
+                if len(running) < depth:
+                    group = inbox.group_waiting()
+                    if group:
+                        start(group)
                 for answer in answers:
                     yield answer
-                if running is None and inbox.ended:
+                if not running and inbox.ended:
                     inbox.raise_error()  # a bad message after these: they got their answers
                     return
         finally:
             inbox.close()
-            if running is not None and not running.done():
-                # The stream ended early: the batches apply anyway (they are
-                # durable, and a resend is answered DUPLICATE); nobody waits.
-                running.add_done_callback(log_left_behind)
+            for left, _ in running:
+                if not left.done():
+                    # The stream ended early: the batches apply anyway (they are
+                    # durable, and a resend is answered DUPLICATE); nobody waits.
+                    left.add_done_callback(log_left_behind)
 
     async def _next_batch(
         self, requests: AsyncIterator[sync_pb2.SyncRequest], client_id: str, schema_version: int
@@ -203,13 +231,14 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         batches: list[BatchIn],
         answer: type[Answer],
         compact: bool = False,
+        decided: asyncio.Event | None = None,
     ) -> list[Answer]:
         """One client's batches through the scheduler; an `answer` message for each
         (`compact`: SyncHello.compact_results, see api/convert.outcome_to_proto)."""
         if self._trace_source is not None and (traceparent := self._trace_source()):
             batches = [replace(b, traceparent=traceparent) for b in batches]
         return await self._writes.apply(
-            principal, batches, lambda outcomes: batch_answers(outcomes, answer, compact)
+            principal, batches, lambda outcomes: batch_answers(outcomes, answer, compact), decided
         )
 
     async def Pull(

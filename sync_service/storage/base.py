@@ -183,6 +183,23 @@ class ConflictPage:
     next_after: tuple[int, str] | None
 
 
+@dataclass(frozen=True, slots=True)
+class Ahead:
+    """What a client's write still committing will have written, for its next write
+    to decide on meanwhile (pipelining, writes/pipeline.py).
+
+    The next write's transaction reads these instead of the database and checks
+    them at its write as it checks what it read (so, once the write before has
+    committed them, they pass). `since_seq`: the client's sequence before the
+    write ahead (its results above that are not stored yet).
+    """
+
+    client: ClientRow
+    since_seq: int
+    records: Mapping[tuple[str, str, str], StoredRecord]  # (tenant, collection, id) -> row
+    changes: Mapping[tuple[str, str, str], Sequence[Change]]  # their history, ascending
+
+
 class WriteConflict(Exception):
     """Another writer changed what this transaction read, before it wrote.
 
@@ -245,11 +262,18 @@ class Storage(Protocol):
         transaction (where a write transaction holds the whole database anyway)."""
         ...
 
+    @property
+    def pipeline_writes(self) -> bool:
+        """Whether a client's next write may decide while its last one commits (an
+        optimistic transaction given `ahead`: PostgreSQL)."""
+        ...
+
     def write_transaction(
-        self, *, exclusive: bool = False, tenants: Sequence[str] = ()
+        self, *, exclusive: bool = False, tenants: Sequence[str] = (), ahead: Ahead | None = None
     ) -> AbstractContextManager[WriteTx]:
         """A write transaction (see WriteTx); optimistic where the engine can be. An
-        exclusive one names every tenant it will read or write (`tenants`)."""
+        exclusive one names every tenant it will read or write (`tenants`); an
+        optimistic one may decide on `ahead` (what a write not committed yet wrote)."""
         ...
 
     def get_records(

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Protocol
 
 from sqlalchemy import Connection
 
+from sync_service.storage.base import Ahead
 from sync_service.storage.cache import RecordCache
 from sync_service.storage.rows import Statements
 from sync_service.storage.transactions import SqlWriteTx
@@ -36,6 +37,9 @@ class Engine:
     # Several clients' writes in one transaction: worth it where a write
     # transaction holds the whole database from its start anyway.
     combine_writes: ClassVar[bool]
+    # A client's next write decided while its last one commits (an optimistic
+    # transaction given `ahead`, checked at its write): where writers run at once.
+    pipeline_writes: ClassVar[bool] = False
 
     def begin(
         self,
@@ -45,9 +49,11 @@ class Engine:
         *,
         exclusive: bool,
         tenants: Sequence[str] = (),
+        ahead: Ahead | None = None,
     ) -> SqlWriteTx:
         """The write transaction on `conn` (already begun); an exclusive one holds the
-        write lock of `tenants` from the start."""
+        write lock of `tenants` from the start; an optimistic one may decide on
+        `ahead` (only where `pipeline_writes`)."""
         raise NotImplementedError
 
     def now_ns(self) -> Any:

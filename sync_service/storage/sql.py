@@ -44,6 +44,7 @@ from sqlalchemy import Connection, and_, func, or_, select
 from fieldsync.db import chunks, locked_write, migrate, normalize_url, open_engines
 from fieldsync.values import loads_fields
 from sync_service.storage.base import (
+    Ahead,
     ClientRow,
     ConflictPage,
     FeedRecord,
@@ -113,6 +114,11 @@ class SqlStorage:
         """Whether the service should apply the writes that wait in one transaction."""
         return self._engine.combine_writes
 
+    @property
+    def pipeline_writes(self) -> bool:
+        """Whether a client's next write may decide while its last one commits."""
+        return self._engine.pipeline_writes
+
     def change_listener(
         self, loop: asyncio.AbstractEventLoop, wake: Callable[[frozenset[str] | None], None]
     ) -> ChangeListener | None:
@@ -163,12 +169,17 @@ class SqlStorage:
 
     @contextmanager
     def write_transaction(
-        self, *, exclusive: bool = False, tenants: Sequence[str] = ()
+        self, *, exclusive: bool = False, tenants: Sequence[str] = (), ahead: Ahead | None = None
     ) -> Iterator[SqlWriteTx]:
         try:
             with self._write.begin() as conn:
                 tx = self._engine.begin(
-                    conn, self._statements, self._cache, exclusive=exclusive, tenants=tenants
+                    conn,
+                    self._statements,
+                    self._cache,
+                    exclusive=exclusive,
+                    tenants=tenants,
+                    ahead=ahead,
                 )
                 yield tx
             tx.committed()

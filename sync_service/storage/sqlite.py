@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import BigInteger, Connection, literal
 
-from sync_service.storage.base import BatchWrite, StoredRecord
+from sync_service.storage.base import Ahead, BatchWrite, StoredRecord
 from sync_service.storage.cache import RecordCache
 from sync_service.storage.engine import Engine
 from sync_service.storage.rows import Statements, fetch
@@ -90,6 +90,7 @@ class _Sqlite(Engine):
         *,
         exclusive: bool,
         tenants: Sequence[str] = (),
+        ahead: Ahead | None = None,
     ) -> SqlWriteTx:
         return SqliteWriteTx(conn, sql, cache)  # exclusive (the whole database) either way
 

@@ -49,6 +49,7 @@ from sync_service.writes.batch_run import (
 )
 from sync_service.writes.metrics import WriteMetrics
 from sync_service.writes.model import BatchIn, BatchOutcome, MutationIn, Status
+from sync_service.writes.pipeline import Link
 
 log = logging.getLogger("fieldsync.sync")
 
@@ -103,12 +104,13 @@ class Applier:
         """
         self._check_group(batches)
         on_decided = None if decided is None else lambda results: decided(_only(results))
-        return _only(self._apply_groups([(principal, batches)], on_decided))
+        return _only(self._apply_groups([(principal, batches)], on_decided, None))
 
     def apply_many(
         self,
         groups: Sequence[tuple[Principal, list[BatchIn]]],
         decided: Callable[[list[list[BatchOutcome] | Exception]], None] | None = None,
+        link: Link | None = None,
     ) -> list[list[BatchOutcome] | Exception]:
         """Several clients' batch groups (as apply_batches takes them) in one transaction.
 
@@ -121,12 +123,16 @@ class Applier:
         as a whole, each group is applied again alone, so one group's
         failure is never another's. `decided` is told the results of the
         attempt that is about to commit. If the database itself fails (an
-        outage: fieldsync.db.is_outage), the error is raised for all.
+        outage: fieldsync.db.is_outage), the error is raised for all. `link`
+        (one group only): pipelined behind the client's write still in flight
+        (writes/pipeline.py).
         """
         for _, batches in groups:
             self._check_group(batches)
+        if link is not None and len(groups) != 1:
+            raise ValueError("only one client's write is pipelined")
         try:
-            return self._apply_groups(groups, decided)
+            return self._apply_groups(groups, decided, link)
         except Exception as err:
             if len(groups) == 1 or is_outage(err):
                 raise  # an outage would meet each group again: they all get it
@@ -138,7 +144,7 @@ class Applier:
         results: list[list[BatchOutcome] | Exception] = []
         for principal, batches in groups:
             try:
-                results.append(_only(self._apply_groups([(principal, batches)], None)))
+                results.append(_only(self._apply_groups([(principal, batches)], None, None)))
             except Exception as err:  # it is that group's answer
                 results.append(err)
         if decided is not None:
@@ -156,25 +162,33 @@ class Applier:
         self,
         groups: Sequence[tuple[Principal, list[BatchIn]]],
         decided: Callable[[list[list[BatchOutcome] | Exception]], None] | None,
+        link: Link | None,
     ) -> list[list[BatchOutcome] | Exception]:
         try:
-            return self._attempt(groups, decided, exclusive=False)
+            return self._attempt(groups, decided, link, exclusive=False)
         except WriteConflict:
-            # Another instance changed what this attempt read (PostgreSQL):
-            # nothing of it was kept; again, holding the write lock throughout.
-            return self._attempt(groups, decided, exclusive=True)
+            # Another instance changed what this attempt read (PostgreSQL), or the
+            # write it was pipelined behind did not commit what it decided on:
+            # nothing of it was kept; again (after that one), holding the lock.
+            if link is not None:
+                link.settle()
+            return self._attempt(groups, decided, link, exclusive=True)
 
     def _attempt(
         self,
         groups: Sequence[tuple[Principal, list[BatchIn]]],
         decided: Callable[[list[list[BatchOutcome] | Exception]], None] | None,
+        link: Link | None,
         *,
         exclusive: bool,
     ) -> list[list[BatchOutcome] | Exception]:
         results: list[list[BatchOutcome] | Exception] = []
         runs: list[tuple[list[BatchIn], list[BatchOutcome], list[int]]] = []
         tenants = sorted({principal.tenant_id for principal, _ in groups})
-        with self._storage.write_transaction(exclusive=exclusive, tenants=tenants) as tx:
+        ahead = link.ahead() if link is not None and not exclusive else None
+        with self._storage.write_transaction(
+            exclusive=exclusive, tenants=tenants, ahead=ahead
+        ) as tx:
             for principal, batches in groups:
                 try:
                     client = _claim_client(tx, principal, batches[0].client_id)
@@ -187,6 +201,8 @@ class Applier:
                     tx, self._rules, principal, client, batches[0].schema_version, self._clock
                 )
                 outcomes = run.apply(batches)
+                if link is not None:
+                    link.ready(run.ahead())  # WriteConflict if decided on what did not commit
                 run.flush()
                 results.append(outcomes)
                 runs.append((batches, outcomes, run.resolved_kinds))
@@ -195,6 +211,8 @@ class Applier:
                 # while the commit runs (in the database, without the GIL) and
                 # send them after.
                 decided(results)
+        if link is not None:
+            link.committed()
         if self.observer is not None:  # committed
             self.observer.committed(runs)
         return results

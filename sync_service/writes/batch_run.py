@@ -39,6 +39,7 @@ from sync_service.rules.schema import CollectionSpec, Policy, Schema
 from sync_service.rules.textedits import invalid
 from sync_service.rules.textfields import TextEditsInvalid
 from sync_service.storage.base import (
+    Ahead,
     BatchWrite,
     ClientRow,
     ConflictResolution,
@@ -112,9 +113,11 @@ class BatchRun:
     text_points: TextPoints = field(default_factory=TextPoints)
     resolved_kinds: list[int] = field(default_factory=list)  # of the conflicts it answered
     audit: MutationEvents = field(init=False)
+    since_seq: int = field(init=False)  # the client's sequence before this run
 
     def __post_init__(self) -> None:
         self.now = self.clock()
+        self.since_seq = self.client.last_seq
         self.audit = MutationEvents(
             self.out.events,
             self.principal.tenant_id,
@@ -510,6 +513,17 @@ class BatchRun:
                 storable(m.mutation_id, MAX_ID_LENGTH),  # a rejected one may be too long
                 payload,
             )
+        )
+
+    def ahead(self) -> Ahead:
+        """What this run will have written once flushed and committed, for the client's
+        next write to decide on meanwhile (writes/pipeline.py)."""
+        t = self.tenant
+        return Ahead(
+            replace(self.client, exists=self.client.exists or bool(self.out.results)),
+            self.since_seq,
+            {(t, c, r): replace(rec, exists=True) for (c, r), rec in self.touched.items()},
+            {(t, c, r): tuple(self.changes[(c, r)]) for c, r in self.touched},
         )
 
     def flush(self) -> None:

@@ -34,10 +34,15 @@ from fieldsync.values import Fields
 from sync_service.storage.base import StoredRecord
 from sync_service.writes.applier import Applier
 from sync_service.writes.model import BatchIn, BatchOutcome
+from sync_service.writes.pipeline import Link
 
 log = logging.getLogger("fieldsync.sync")
 
 MAX_WRITES_IN_FLIGHT = 2
+# Where a client's next write decides while its last one commits (pipelining,
+# writes/pipeline.py): two per stream, and writes of different tenants commit
+# in parallel there.
+MAX_PIPELINED_IN_FLIGHT = 4
 
 # From how many mutations in one transaction the answers are built while the
 # commit runs (below, the hand-offs between threads cost more than they save).
@@ -53,9 +58,19 @@ class WriteScheduler:
     """Runs the writes of one process, at most MAX_WRITES_IN_FLIGHT transactions at once."""
 
     def __init__(
-        self, applier: Applier, *, combine: bool, on_written: Callable[[frozenset[str]], None]
+        self,
+        applier: Applier,
+        *,
+        combine: bool,
+        on_written: Callable[[frozenset[str]], None],
+        pipeline: bool = False,
     ) -> None:
         self._applier = applier
+        # A client's next write started while its last one is in flight decides
+        # meanwhile (writes/pipeline.py); never with combining (one client a write).
+        self.pipelines = pipeline and not combine
+        self._slots = MAX_PIPELINED_IN_FLIGHT if self.pipelines else MAX_WRITES_IN_FLIGHT
+        self._links: dict[str, Link] = {}  # client id -> its latest write's, while in flight
         # Several clients' writes in one transaction (see the module docstring).
         # On PostgreSQL a transaction takes the feed lock at its first write and
         # keeps it to the commit, so a combined one would hold it through every
@@ -75,7 +90,11 @@ class WriteScheduler:
         self.write_transactions = 0  # the transactions they took
 
     async def apply(
-        self, principal: Principal, batches: list[BatchIn], answers: Answers[A]
+        self,
+        principal: Principal,
+        batches: list[BatchIn],
+        answers: Answers[A],
+        decided: asyncio.Event | None = None,
     ) -> list[A]:
         """Apply one client's batches, in order; an answer message for each, once committed.
 
@@ -87,11 +106,12 @@ class WriteScheduler:
         call into a commit per round; a call alone starts at once, as before.
         A write whose caller went away before it started is dropped; one
         that started commits anyway (it is durable, and a resend is answered
-        DUPLICATE).
+        DUPLICATE). `decided` (pipelining) is set once the write has decided
+        and goes on to write (or has ended): the time to start the client's next.
         """
         size = sum(len(b.mutations) for b in batches)
         done: asyncio.Future[list[A]] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Write(principal, batches, size, answers, done))
+        self._waiting.append(_Write(principal, batches, size, answers, done, decided))
         self._start_writes()
         return await done
 
@@ -128,7 +148,7 @@ class WriteScheduler:
         return record
 
     def _start_writes(self) -> None:
-        while self._in_flight < MAX_WRITES_IN_FLIGHT and self._waiting:
+        while self._in_flight < self._slots and self._waiting:
             group: list[_Write[Any]] = []
             total = 0
             while self._waiting:
@@ -150,7 +170,14 @@ class WriteScheduler:
             self.writes += len(group)
             self.write_transactions += 1
             self._in_flight += 1
-            task = asyncio.ensure_future(self._write(group, total))
+            link = None
+            if self.pipelines:
+                client_id = group[0].batches[0].client_id
+                before = self._links.get(client_id)
+                link = self._links[client_id] = Link(before)
+                if group[0].decided is not None:
+                    link.on_ready = _setter(group[0].decided)
+            task = asyncio.ensure_future(self._write(group, total, link))
             self._writing.add(task)
 
     def _release_slot(self) -> None:
@@ -167,7 +194,7 @@ class WriteScheduler:
     async def _take_slot(self) -> None:
         """Hold one of the MAX_WRITES_IN_FLIGHT write slots (for a conflict answer);
         `_release_slot` gives it back."""
-        if self._in_flight < MAX_WRITES_IN_FLIGHT and not self._resolvers:
+        if self._in_flight < self._slots and not self._resolvers:
             self._in_flight += 1
             return
         given: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -179,10 +206,10 @@ class WriteScheduler:
                 self._release_slot()  # handed over just as the caller went away
             raise
 
-    async def _write(self, group: list[_Write[Any]], total: int) -> None:
+    async def _write(self, group: list[_Write[Any]], total: int, link: Link | None) -> None:
         """One transaction for the writes of `group`; each caller gets its answers or error."""
         try:
-            results = await self._apply_group(group, total)
+            results = await self._apply_group(group, total, link)
         except BaseException as err:
             for w in group:
                 if w.done.done():
@@ -206,11 +233,19 @@ class WriteScheduler:
             task = asyncio.current_task()
             assert task is not None
             self._writing.discard(task)
+            for w in group:
+                if w.decided is not None:
+                    w.decided.set()
+            if link is not None:
+                link.end()  # (the thread ended it; if it never ran, here)
+                client_id = group[0].batches[0].client_id
+                if self._links.get(client_id) is link:
+                    del self._links[client_id]
             self._on_written(frozenset(w.principal.tenant_id for w in group))
             self._release_slot()
 
     async def _apply_group(
-        self, group: list[_Write[Any]], total: int
+        self, group: list[_Write[Any]], total: int, link: Link | None
     ) -> list[list[Any] | Exception]:
         """The answers (or error) of each write of the group, applied in one transaction.
 
@@ -220,18 +255,26 @@ class WriteScheduler:
         that committed.
         """
         groups = [(w.principal, w.batches) for w in group]
+
+        def apply(
+            on_decided: Callable[[list[list[BatchOutcome] | Exception]], None] | None,
+        ) -> list[list[BatchOutcome] | Exception]:
+            try:
+                return self._applier.apply_many(groups, on_decided, link)
+            finally:
+                if link is not None:
+                    link.end()  # the write after it goes on
+
         if total < OVERLAP_FROM:
             # Too little to gain from overlapping: no extra hand-offs.
-            return _answers_each(await asyncio.to_thread(self._applier.apply_many, groups), group)
+            return _answers_each(await asyncio.to_thread(apply, None), group)
         loop = asyncio.get_running_loop()
         decided: asyncio.Future[list[list[BatchOutcome] | Exception]] = loop.create_future()
 
         def on_decided(results: list[list[BatchOutcome] | Exception]) -> None:
             loop.call_soon_threadsafe(_resolve, decided, results)
 
-        work = asyncio.ensure_future(
-            asyncio.to_thread(self._applier.apply_many, groups, on_decided)
-        )
+        work = asyncio.ensure_future(asyncio.to_thread(apply, on_decided))
         await asyncio.wait((decided, work), return_when=asyncio.FIRST_COMPLETED)
         built = None
         if decided.done():
@@ -252,6 +295,7 @@ class _Write(Generic[A]):
     size: int  # mutations
     answers: Answers[A]
     done: asyncio.Future[list[A]]
+    decided: asyncio.Event | None = None  # set when its decisions are handed on (pipelining)
     queued_at: float = field(default_factory=time.perf_counter)  # for the lock-wait metric
 
 
@@ -271,6 +315,16 @@ def _answers_each(
             log.exception("building the answers of a committed write failed")
             out.append(err)
     return out
+
+
+def _setter(event: asyncio.Event) -> Callable[[], None]:
+    """Sets `event` from a worker thread (on the event loop that runs now)."""
+    loop = asyncio.get_running_loop()
+
+    def set_it() -> None:
+        loop.call_soon_threadsafe(event.set)
+
+    return set_it
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:
