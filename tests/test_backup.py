@@ -91,6 +91,10 @@ class Writer(threading.Thread):
             self.error = err
 
     def wait_batches(self, n: int) -> None:
+        """Until `n` more batches are answered from now on (those answered before, say
+        during a backup, do not count: their writes may be in it)."""
+        while self.batches.acquire(blocking=False):
+            pass
         for _ in range(n):
             assert self.batches.acquire(timeout=60), self.error
 

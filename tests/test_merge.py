@@ -834,8 +834,13 @@ def cases(draw: st.DrawFn) -> Case:
     return Case(log, base, floor, op, writes, policies, state_fields, all_lww)
 
 
-def reference(c: Case) -> Decision:
-    """SPEC §1 and §3, rule by rule, from the record's whole history."""
+def reference(c: Case, merged_text: Mapping[str, FieldValue] | None = None) -> Decision:
+    """SPEC §1 and §3, rule by rule, from the record's whole history.
+
+    A text field whose two sides are text merges (§3: never a conflict when the
+    history is whole); the merged text itself is the text engine's, which
+    tests/test_textmerge.py checks on its own: `merged_text` (the engine's updates)
+    gives it."""
     log = c.log
     complete = c.base >= c.floor
 
@@ -851,6 +856,13 @@ def reference(c: Case) -> Decision:
         """Who wrote the field's current value: (mutation, client); unknown if pruned."""
         last = c.since(name)[-1]
         return (last.mutation_id, last.client_id) if last.version > c.floor else ("", "")
+
+    def text_point(name: str) -> FieldValue:
+        """The text field as this client last had it: after its latest own change since
+        its base, else at its base (what the text merge starts from)."""
+        own = [x for x in log.commits if x.version > c.base and x.client_id == ME]
+        own = [x for x in own if name in x.old]
+        return log.value(name, own[-1].version) if own else base_value(name)
 
     def moved(name: str) -> bool:
         """Changed by others, and not back at its base value (existence excluded)."""
@@ -904,6 +916,15 @@ def reference(c: Case) -> Decision:
         elif c.policies[f] is LWW:
             updates[f] = yours
             overwrites.append(Overwrite(f, theirs, yours, writer(f)[0]))
+        elif (
+            c.policies[f] is TEXT
+            and complete
+            and isinstance(yours, str)
+            and isinstance(theirs, str | None)
+            and isinstance(text_point(f), str | None)
+        ):
+            if merged_text is not None and f in merged_text:
+                updates[f] = merged_text[f]
         else:
             collisions.append(FieldCollision(f, base_value(f), yours, theirs))
     if collisions:
@@ -1001,7 +1022,8 @@ def test_fields_the_mutation_does_not_write_are_never_updated(case: Case) -> Non
 @PROPERTY
 @given(cases())
 def test_each_field_is_decided_as_the_reference_model_says(case: Case) -> None:
-    assert _in_order(case.decide()) == _in_order(reference(case))
+    d = case.decide()
+    assert _in_order(d) == _in_order(reference(case, d.updates))
 
 
 @PROPERTY
