@@ -531,7 +531,13 @@ class LocalStore:
         rejected = o.status == "REJECTED" or (
             o.status == "DUPLICATE" and o.original_status == "REJECTED"
         )
-        if m.state == "pending" and (rejected or o.status in _DELIVERED):
+        if (
+            m.state == "pending"
+            and (rejected or o.status in _DELIVERED)
+            and text_bases.of_record(db, m.collection, m.record_id)
+        ):
+            # Only a record with queued text operations has bases to move on (reading
+            # its other queued writes for each answer made a long queue quadratic).
             later = self._pending_of(db, m.collection, m.record_id)
             text_bases.advance(db, m, [q for q in later if q.client_seq != m.client_seq])
         if rejected:
