@@ -105,6 +105,7 @@ class SyncApp(ServiceApp):
             self.notifier,
             pull_page_size=self.config.pull_page_size,
             subscribe_poll_seconds=self.config.subscribe_poll_seconds,
+            pipeline=self.config.pg_pipeline,
             trace_source=self.ops.tracing.traceparent if self.ops and self.ops.tracing else None,
         )
         sync_pb2_grpc.add_SyncServiceServicer_to_server(servicer, server)

@@ -21,12 +21,14 @@ from typing import Any
 import pytest
 
 from fieldsync.auth import Principal
+from sync_service.config import SyncConfig
 from sync_service.rules.merge import Op
 from sync_service.storage.base import Ahead
 from sync_service.storage.sql import SqlStorage
 from sync_service.writes.applier import Applier
 from sync_service.writes.model import BatchIn, BatchOutcome
 from sync_service.writes.pipeline import Link
+from tests.support import SECRET
 from tests.test_combined_writes import SCHEMA, batch, counter_clock, m
 
 ALICE = Principal("alice", "acme", frozenset({"member"}))
@@ -247,3 +249,10 @@ def test_a_decision_on_an_attempt_that_did_not_commit_is_redone(
         assert hist == history(a)
     assert told(first_out)[0][1] == "MERGED" and told(next_out)[0][1] == "CONFLICT"
     assert [v for v, _ in hist] == list(range(1, len(hist) + 1))
+
+
+def test_the_service_pipelines_only_when_asked() -> None:
+    # Off by default: it measured slower on this machine (docs/scaling.md).
+    env = {"FIELDSYNC_JWT_SECRET": SECRET}
+    assert SyncConfig.from_env(env).pg_pipeline is False
+    assert SyncConfig.from_env({**env, "FIELDSYNC_PG_PIPELINE": "1"}).pg_pipeline is True

@@ -59,6 +59,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         *,
         pull_page_size: int = 500,
         subscribe_poll_seconds: float = 1.0,
+        pipeline: bool = False,
         trace_source: Callable[[], str | None] | None = None,
     ) -> None:
         self._applier = applier
@@ -70,7 +71,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
             applier,
             combine=storage.combine_writes,
             on_written=notifier.notify,
-            pipeline=storage.pipeline_writes,
+            pipeline=pipeline and storage.pipeline_writes,  # FIELDSYNC_PG_PIPELINE
         )
         self._page = pull_page_size
         self._poll = subscribe_poll_seconds
