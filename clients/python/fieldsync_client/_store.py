@@ -367,13 +367,9 @@ class LocalStore:
         return [_queued(r) for r in rows]
 
     def _view(self, db: sqlite3.Connection, collection: str, record_id: str) -> Record | None:
-        row = db.execute(
-            "SELECT version, deleted, fields FROM records WHERE collection = ? AND record_id = ?",
-            (collection, record_id),
-        ).fetchone()
+        server = _held(db, collection, record_id)
         pending = self._pending_of(db, collection, record_id)
         bases = text_bases.of_record(db, collection, record_id)
-        server = None if row is None else _server_state(collection, record_id, *row)
         return local_view(collection, record_id, server, pending, bases)
 
     # -- reads -----------------------------------------------------------------------
@@ -502,13 +498,7 @@ class LocalStore:
         None (and the record listed in summary.unknown_records) when it cannot be."""
         key = (answered.collection, answered.record_id)
         if m is not None and m.mutation_id == o.mutation_id and (m.collection, m.record_id) == key:
-            held = db.execute(
-                "SELECT version, deleted, fields FROM records "
-                "WHERE collection = ? AND record_id = ?",
-                key,
-            ).fetchone()
-            server = _server_state(*key, *held) if held is not None else None
-            built = rebuilt(server, m, answered)
+            built = rebuilt(_held(db, *key), m, answered)
             if built is not None:
                 summary.rebuilt += 1
                 return built
@@ -599,6 +589,15 @@ def _server_state(
     collection: str, record_id: str, version: int, deleted: int, fields: str
 ) -> ServerState:
     return ServerState(collection, record_id, int(version), bool(deleted), _load_fields(fields))
+
+
+def _held(db: sqlite3.Connection, collection: str, record_id: str) -> ServerState | None:
+    """The record's last server state this store holds (None: none)."""
+    row = db.execute(
+        "SELECT version, deleted, fields FROM records WHERE collection = ? AND record_id = ?",
+        (collection, record_id),
+    ).fetchone()
+    return None if row is None else _server_state(collection, record_id, *row)
 
 
 def _load_fields(text: str) -> dict[str, FieldValue]:
